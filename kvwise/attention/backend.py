@@ -1,0 +1,72 @@
+"""Attention backend interface and the per-step metadata every backend reads.
+
+A step's T tokens are laid out decode-first: the first `num_decode_tokens` tokens are single-token
+queries of distinct requests, then each prefill span (a chunk of one request's prompt, possibly
+continuing earlier chunks or a prefix-cache hit) follows contiguously.
+
+Invariants:
+- Metadata is built once per step by the runner and shared by all layers; backends never mutate it.
+- The new tokens' K/V are written to their slots (`slot_mapping`) before the backend runs, so a
+  backend attends over the cache only (context includes the step's own tokens).
+- Slot s of block b is flat row `b * block_size + s` of a layer's [N*S, K, D] cache view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first row of this span in the step's T tokens
+    num_query_tokens: int
+    num_context_tokens: int  # tokens with KV after this step (earlier chunks + this span)
+    context_slots: Optional[torch.Tensor]  # [C] long flat slots, None when the span is its own context
+
+    @property
+    def num_prior_tokens(self) -> int:
+        return self.num_context_tokens - self.num_query_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: flat cache row of each new token
+    num_decode_tokens: int  # Bd
+    decode_slots: Optional[torch.Tensor]  # [Bd, Lmax] long flat rows of each decode's context
+    decode_mask: Optional[torch.Tensor]  # [Bd, 1, 1, Lmax] bool, True = attend
+    decode_context_lens: Optional[torch.Tensor]  # [Bd] long
+    prefills: list[PrefillSpan]
+    block_size: int
+    # Per-request block tables (decode rows first, then prefills), for backends that work on
+    # whole blocks (two-phase) and for the reference oracle.
+    block_tables: list[list[int]]
+    context_lens: list[int]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, H, D]; k_cache/v_cache [N*S, K, D] of one layer -> out [T, H, D]."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    _REGISTRY[name] = factory
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"attention_backend: unknown {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)

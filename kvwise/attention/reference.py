@@ -1,0 +1,56 @@
+"""Slow reference attention over gathered blocks: the test oracle for every other backend.
+
+Invariants:
+- One request at a time, plain float64 softmax(q k^T * scale + causal mask) v, read through the
+  request's block table (never through the fast paths' precomputed slot tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvwise.attention.backend import AttentionMetadata, register_backend
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        num_prior: int, scale: float) -> torch.Tensor:
+    """q [Tq, H, D]; k, v [C, K, D] (C = num_prior + Tq) -> [Tq, H, D], causal by position."""
+    tq, h, d = q.shape
+    c, kh, _ = k.shape
+    assert c == num_prior + tq, (c, num_prior, tq)
+    group = h // kh
+    k = k.double().repeat_interleave(group, dim=1)  # [C, H, D]
+    v = v.double().repeat_interleave(group, dim=1)  # [C, H, D]
+    scores = torch.einsum("thd,chd->htc", q.double(), k) * scale  # [H, Tq, C]
+    q_pos = num_prior + torch.arange(tq)[:, None]  # [Tq, 1]
+    allowed = torch.arange(c)[None, :] <= q_pos  # [Tq, C]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [H, Tq, C]
+    out = torch.einsum("htc,chd->thd", probs, v)  # [Tq, H, D]
+    return out.to(q.dtype)
+
+
+def gather_context(cache: torch.Tensor, block_table: list[int], num_tokens: int,
+                   block_size: int) -> torch.Tensor:
+    """cache [N*S, K, D] -> the first num_tokens slots of the table's blocks [C, K, D]."""
+    rows = [b * block_size + s for b in block_table for s in range(block_size)][:num_tokens]
+    return cache[torch.tensor(rows, dtype=torch.long, device=cache.device)]
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        spans = [(i, 1) for i in range(meta.num_decode_tokens)]
+        spans += [(p.start, p.num_query_tokens) for p in meta.prefills]
+        for r, (start, n) in enumerate(spans):
+            ctx = meta.context_lens[r]
+            k = gather_context(k_cache, meta.block_tables[r], ctx, meta.block_size)
+            v = gather_context(v_cache, meta.block_tables[r], ctx, meta.block_size)
+            out[start:start + n] = reference_attention(q[start:start + n], k, v, ctx - n, scale)
+        return out
+
+
+register_backend("reference", ReferenceBackend)

