@@ -122,6 +122,8 @@ def command_line() -> str:
         return shlex.join(["kvwise", *sys.argv[1:]])
     if sys.argv[0].endswith(os.path.join("kvwise", "__main__.py")):
         return shlex.join(["python", "-m", "kvwise", *sys.argv[1:]])
+    if sys.argv[0].endswith(os.path.join("kvwise", "cli.py")):
+        return shlex.join(["python", "-m", "kvwise.cli", *sys.argv[1:]])
     if sys.argv[0].endswith(os.path.join("bench", "cli.py")):
         return shlex.join(["python", "-m", "kvwise.bench.cli", *sys.argv[1:]])
     return shlex.join([prog, *sys.argv[1:]])

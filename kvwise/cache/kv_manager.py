@@ -183,7 +183,7 @@ class KVManager:
         )
         if not self.enable_prefix_caching:
             return
-        parent = req.block_hashes[-1] if req.block_hashes else root_hash(None)
+        parent = req.block_hashes[-1] if req.block_hashes else root_hash(req.cache_salt)
         for i in range(len(req.block_hashes), num_computed_tokens // s):
             chunk_tokens = token_ids[i * s : (i + 1) * s]
             block_hash = chunk_hash(parent, chunk_tokens)
@@ -308,8 +308,15 @@ class KVManager:
         """Raise AssertionError naming the first violated invariant (O(blocks + table sizes))."""
         self.pool.check_integrity()
         self.tree.check_integrity()
-        n = self.num_blocks
-        expected_refs = [0] * n
+        self._check_tables()
+        self._check_block_states()
+        assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
+        assert self.peak_blocks_used >= self.pool.num_used_blocks, "peak below current use"
+
+    def _check_tables(self) -> None:
+        """Reference counts match the tables and adoptions; hash chains follow the tree."""
+        expected_refs = [0] * self.num_blocks
+        adopters: dict[int, int] = {}
         for req_id, req in self._requests.items():
             assert len(set(req.block_ids)) == len(req.block_ids), f"{req_id}: repeated blocks"
             assert len(req.block_hashes) <= len(req.block_ids), f"{req_id}: hashes past table"
@@ -317,6 +324,7 @@ class KVManager:
                 expected_refs[b] += 1
             for i, b in req.adopted.items():
                 expected_refs[b] += 1
+                adopters[b] = adopters.get(b, 0) + 1
                 assert b != req.block_ids[i], f"{req_id}: adopted its own block {b}"
                 assert self.tree.node_of_block(req.block_ids[i]) is None, (
                     f"{req_id}: duplicate block {req.block_ids[i]} is in the tree"
@@ -330,17 +338,16 @@ class KVManager:
                     f"{req_id}: chunk {i} is block {node.block_id}, not the request's"
                 )
                 parent = block_hash
-        for b in range(n):
-            assert self.pool.ref_count(b) == expected_refs[b], (
-                f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected_refs[b]}"
+        for b, expected in enumerate(expected_refs):
+            assert self.pool.ref_count(b) == expected, (
+                f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected}"
             )
-        adopters: dict[int, int] = {}
-        for req in self._requests.values():
-            for b in req.adopted.values():
-                adopters[b] = adopters.get(b, 0) + 1
         assert adopters == self._num_adopters, "adopter counts out of date"
+
+    def _check_block_states(self) -> None:
+        """Each block is exactly one of free, used, cached (evictable) or pinned-idle."""
         num_pinned_idle = 0
-        for b in range(n):
+        for b in range(self.num_blocks):
             node = self.tree.node_of_block(b)
             if self.pool.is_free(b):
                 assert node is None, f"free block {b} is still a cached chunk"
@@ -359,6 +366,6 @@ class KVManager:
             + num_pinned_idle
             + self.pool.num_used_blocks
         )
-        assert total == n, f"free + cached + pinned + used = {total} != {n} blocks"
-        assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
-        assert self.peak_blocks_used >= self.pool.num_used_blocks, "peak below current use"
+        assert total == self.num_blocks, (
+            f"free + cached + pinned + used = {total} != {self.num_blocks} blocks"
+        )

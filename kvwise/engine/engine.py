@@ -216,6 +216,8 @@ class LLMEngine:
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             req.finish_reason = "length"
         if req.finish_reason is not None:
+            if req.stop_reason is None or isinstance(req.stop_reason, int):
+                req.text += req.detokenizer.flush()  # text held back mid-character
             self.scheduler.remove(req)
             req.status = RequestStatus.FINISHED
 
@@ -225,7 +227,7 @@ class LLMEngine:
             group.metrics.finished_time = now
             del self.groups[parent_id]
         outputs = [CompletionOutput(
-            index=c.index, text=c.text, token_ids=list(c.output_token_ids),
+            index=c.index, text=_visible_text(c), token_ids=list(c.output_token_ids),
             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             logprobs=list(c.logprobs) if c.logprobs is not None else None,
             cumulative_logprob=c.cumulative_logprob) for c in group.children]
@@ -256,3 +258,12 @@ class LLMEngine:
                 >= req.num_computed_tokens, req.request_id
         for req in self.scheduler.waiting:
             assert req.request_id not in live, req.request_id
+
+
+def _visible_text(req: Request) -> str:
+    """Text a stream may show: while a stop string could still complete, hold back its
+    possible prefix so that cumulative text only ever grows."""
+    if req.finished or not req.params.stop_list:
+        return req.text
+    hold = max(len(s) for s in req.params.stop_list) - 1
+    return req.text[:len(req.text) - hold] if hold else req.text

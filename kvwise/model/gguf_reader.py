@@ -424,8 +424,8 @@ class GGUFReaderKV:
         return w if dtype == torch.float32 else w.to(dtype)
 
     def load_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """All weights by HF name; `lm_head.weight` is absent when embeddings are tied."""
-        return {name: self.tensor(name, dtype) for name in self._hf_to_gguf}
+        """All weights by HF name, in `expected_weight_names` order (no lm_head when tied)."""
+        return {name: self.tensor(name, dtype) for name in expected_weight_names(self.config)}
 
 
 def gguf_end_of_generation_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
@@ -461,7 +461,7 @@ def _fit_llama3_rope_scaling(factors: np.ndarray, theta: float, path: str) -> Op
     `original_max_position_embeddings` reproduces them; we take Llama 3's 8192 and solve for
     low/high from the linear smooth region (HF `_compute_llama3_parameters`).
     """
-    factor = float(factors.max())
+    factor = round(float(factors.max()), 4)  # stored as float32; real factors are 8, 32, ...
     if factor <= 1.0 + 1e-6:
         return None
     dim = 2 * len(factors)

@@ -102,16 +102,21 @@ class Scheduler:
         assert all(s.request is not req for s in plan.scheduled)
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        s = self.kv.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt)
-            req.num_computed_tokens = cached
+            hit = self.kv.match_prefix(req.all_token_ids, req.cache_salt)  # read-only
+            req.num_computed_tokens = hit
             num_new = self._num_new_tokens(req, budget)
-            if num_new == 0 or not self.kv.can_allocate(req.request_id, cached + num_new):
-                self.kv.free(req.request_id)
+            # Conservative fit check before touching any state: the hit chunks may be
+            # evictable (counted as available) and stop being so once attached.
+            need = (hit + num_new + s - 1) // s
+            if num_new == 0 or need > self.kv.num_available_blocks():
                 req.num_computed_tokens = 0
                 break
-            self.kv.allocate(req.request_id, cached + num_new)
+            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt)
+            assert cached == hit, (cached, hit)
+            self.kv.allocate(req.request_id, hit + num_new)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -23,7 +23,7 @@ def test_hash_chain_depends_on_prefix_tokens_and_salt() -> None:
 def _chain(tree: PrefixTree, tokens: list[int], block_ids: list[int]) -> list[bytes]:
     hashes = list(iter_chunk_hashes(tokens, 4, None, len(block_ids)))
     parent = root_hash()
-    for depth, (h, b) in enumerate(zip(hashes, block_ids)):
+    for depth, (h, b) in enumerate(zip(hashes, block_ids, strict=True)):
         tree.insert(h, parent, tokens[depth * 4 : depth * 4 + 4], b, depth)
         parent = h
     return hashes

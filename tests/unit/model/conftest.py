@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -32,10 +33,15 @@ BYTE_TOKENS = _bytes_to_unicode()
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute`: HF rows -> GGUF rows."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_permute() -> Callable[[np.ndarray, int], np.ndarray]:
+    return _llama_cpp_permute
 
 
 @pytest.fixture(scope="session")
@@ -103,11 +109,18 @@ def tiny_gguf(tmp_path: Any) -> Callable[..., dict[str, Any]]:
     def write(*, arch: str = "llama", name: str = "tiny", hidden: int = 256, ffn: int = 256,
               layers: int = 1, heads: int = 4, kv_heads: int = 2, tied: bool = True,
               bias: bool = False, types: Optional[dict[str, T]] = None, drop: tuple = (),
-              rope_freqs: Optional[np.ndarray] = None, extra_kv: Optional[dict] = None,
-              filename: str = "tiny.gguf", seed: int = 0) -> dict[str, Any]:
+              rope_freqs: Optional[np.ndarray] = None, rope_theta: float = 10000.0,
+              extra_kv: Optional[dict] = None, filename: str = "tiny.gguf",
+              seed: int = 0, tokenizer: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """`tokenizer` replaces the default byte-level vocabulary: keys tokens, token_types,
+        model, pre, scores, merges, bos, eos, unk, add_bos, add_space_prefix, chat_template."""
         rng = np.random.default_rng(seed)
         types = types or {}
-        tokens = BYTE_TOKENS + TINY_SPECIALS
+        tok = {"tokens": BYTE_TOKENS + TINY_SPECIALS,
+               "token_types": [1] * 256 + [3] * len(TINY_SPECIALS), "model": "gpt2",
+               "pre": "gpt2", "merges": [], "bos": 257, "eos": 258, "add_bos": False,
+               **(tokenizer or {})}
+        tokens = tok["tokens"]
         vocab = len(tokens)
         head_dim = hidden // heads
         path = str(tmp_path / filename)
@@ -120,16 +133,26 @@ def tiny_gguf(tmp_path: Any) -> Callable[..., dict[str, Any]]:
         w.add_head_count(heads)
         w.add_head_count_kv(kv_heads)
         w.add_layer_norm_rms_eps(1e-6)
-        w.add_rope_freq_base(10000.0)
+        w.add_rope_freq_base(rope_theta)
         w.add_vocab_size(vocab)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt2")
+        w.add_tokenizer_model(tok["model"])
+        if tok.get("pre"):
+            w.add_tokenizer_pre(tok["pre"])
         w.add_token_list(tokens)
-        w.add_token_types([1] * 256 + [3] * len(TINY_SPECIALS))
-        w.add_token_merges([])
-        w.add_bos_token_id(256 + 1)
-        w.add_eos_token_id(256 + 2)
-        w.add_add_bos_token(False)
+        w.add_token_types(tok["token_types"])
+        if tok.get("merges") or tok["model"] == "gpt2":
+            w.add_token_merges(tok.get("merges") or [])
+        if tok.get("scores"):
+            w.add_token_scores(tok["scores"])
+        w.add_bos_token_id(tok["bos"])
+        w.add_eos_token_id(tok["eos"])
+        if tok.get("unk") is not None:
+            w.add_unk_token_id(tok["unk"])
+        w.add_add_bos_token(tok["add_bos"])
+        if tok.get("add_space_prefix") is not None:
+            w.add_add_space_prefix(tok["add_space_prefix"])
+        if tok.get("chat_template"):
+            w.add_chat_template(tok["chat_template"])
         for key, value in (extra_kv or {}).items():
             if isinstance(value, str):
                 w.add_string(key, value)
@@ -163,7 +186,7 @@ def tiny_gguf(tmp_path: Any) -> Callable[..., dict[str, Any]]:
             values = rng.standard_normal(shape).astype(np.float32)
             hf[gguf_to_hf_name(gname)] = values
             if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
-                values = llama_cpp_permute(values, heads if ".attn_q." in gname else kv_heads)
+                values = _llama_cpp_permute(values, heads if ".attn_q." in gname else kv_heads)
             qtype = types.get(gname, T.F32)
             if qtype == T.F32:
                 data = values
