@@ -17,8 +17,9 @@ Invariants:
 - Only the engine thread touches the engine (LLMEngine is not thread-safe), including its
   tokenizer; the event loop reaches it only through `_inbox` and `call`.
 - When the engine has nothing to do the thread blocks on `_inbox.get()`: no busy spin.
-- Each admitted request leaves `_admitted` exactly once: on its finished output, on close, or on
-  an error delivered to it (`RequestStream._release` is idempotent).
+- An admitted request leaves `_admitted` when its last output or an error is delivered, or when
+  its stream is closed or garbage-collected unclosed (then it is also aborted), whichever is
+  first; so a client that never reads cannot hold a queue slot.
 - An exception in `engine.step()` fails the requests that were live (they get `EngineStepError`
   and are aborted); the loop keeps serving.
 """
@@ -31,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar, Union
@@ -111,6 +113,9 @@ class RequestStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self._released = False
+        # A stream dropped unclosed (e.g. a response generator that never started) still
+        # aborts its request when collected.
+        self._finalizer = weakref.finalize(self, owner._orphaned, request_id)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -141,6 +146,7 @@ class RequestStream:
     def _release(self) -> None:
         if not self._released:
             self._released = True
+            self._finalizer.detach()
             self._owner._admitted.pop(self.request_id, None)
 
 
@@ -249,6 +255,11 @@ class AsyncEngine:
     def _send(self, cmd: object) -> None:
         self._inbox.put(cmd)
 
+    def _orphaned(self, request_id: str) -> None:
+        """A stream was garbage-collected unclosed (any thread): abort and un-admit it."""
+        self._admitted.pop(request_id, None)
+        self._send(_Abort([request_id]))
+
     # -- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         backoff = 0.0
@@ -338,7 +349,7 @@ class AsyncEngine:
                 continue  # aborted while the step ran
             if out.finished:
                 del self._live[out.request_id]
-            batch.append((live.queue, self._snapshot(out, live)))
+            batch.append((out.request_id, live.queue, self._snapshot(out, live)))
         if batch:
             self._deliver(batch)
         return True
@@ -360,7 +371,7 @@ class AsyncEngine:
         return dataclasses.replace(out, outputs=comps, metrics=dataclasses.replace(out.metrics))
 
     def _fail_all(self, error: BaseException) -> None:
-        batch = [(live.queue, error) for live in self._live.values()]
+        batch = [(rid, live.queue, error) for rid, live in self._live.items()]
         for rid in list(self._live):
             try:
                 self.engine.abort_request(rid)
@@ -376,12 +387,19 @@ class AsyncEngine:
         except Exception:
             logger.exception("engine.stats() failed")
 
-    def _deliver(self, batch: list[tuple[asyncio.Queue, object]]) -> None:
+    def _deliver(self, batch: list[tuple[str, asyncio.Queue, object]]) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_put_all, batch)
+            self._loop.call_soon_threadsafe(self._put_all, batch)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+    def _put_all(self, batch: list[tuple[str, asyncio.Queue, object]]) -> None:
+        """(event loop) Queue outputs; a request's last item frees its admission slot."""
+        for request_id, q, item in batch:
+            q.put_nowait(item)
+            if isinstance(item, BaseException) or item.finished:  # type: ignore[attr-defined]
+                self._admitted.pop(request_id, None)
 
     def _reply(self, fut: asyncio.Future, result: object, error: Optional[BaseException]) -> None:
         assert self._loop is not None
@@ -389,11 +407,6 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(_resolve, fut, result, error)
         except RuntimeError:
             pass
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in batch:
-        q.put_nowait(item)
 
 
 def _resolve(fut: asyncio.Future, result: object, error: Optional[BaseException]) -> None:

@@ -5,15 +5,16 @@ Face-named weights. The header is parsed by hand because `gguf.GGUFReader` build
 vocabulary string (~2 s for a 49k vocabulary); tensor data stays memory-mapped.
 
 Invariants:
-- The file is mapped copy-on-write and never written. `raw_tensor` returns views into the map, so
-  reading a quantized model never needs an fp32 copy of more than one tensor at a time.
+- The file is mapped copy-on-write and never written. `raw_tensor` returns views into the map
+  (a row-permuted copy for llama Q/K), so using a quantized model never needs an fp32 copy of
+  more than one tensor at a time. Dequantized tensors never alias the map.
 - Every tensor's byte range lies inside the file; this is checked when the file is opened, so a
   truncated file fails before any weight is read.
 - Weights come out in HF Llama naming, linear weights [out, in] like `nn.Linear`. For files whose
   `general.architecture` is "llama", Q and K rows (and biases) are un-permuted from llama.cpp's
   interleaved RoPE layout to HF's rotate-half layout (inverse of `LlamaModel.permute` in llama.cpp
   convert_hf_to_gguf.py); qwen2 files are stored un-permuted and left alone.
-- The torch fast paths (F32, F16, BF16, Q4_0, Q4_1, Q8_0) are bit-identical to
+- The numpy fast paths (F32, F16, BF16, Q4_0, Q4_1, Q8_0) are bit-identical to
   `gguf.quants.dequantize`, the reference used for every other type; tests compare the two.
 """
 
@@ -37,6 +38,7 @@ from kvwise.model.config import ModelConfig
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("linear", "llama3")  # see kvwise/model/rope.py
 
 # Token texts llama.cpp treats as end-of-generation when they exist in the vocabulary
 # (llama-vocab.cpp, `special_eog_ids`; ggml-org/llama.cpp#9606).
@@ -52,7 +54,7 @@ _SCALAR_FORMATS = {
 }
 _TYPE_STRING, _TYPE_ARRAY = 8, 9
 
-# GGUF tensor name -> HF name; "{i}" is the layer index.
+# GGUF tensor name -> HF name; per-layer names are "blk.{i}.<key>" -> "model.layers.{i}.<value>".
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -103,9 +105,6 @@ def gguf_to_hf_name(name: str) -> Optional[str]:
     return None
 
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
-
-
 def expected_weight_names(config: ModelConfig) -> list[str]:
     """Every HF weight name a model with `config` needs (no lm_head when embeddings are tied)."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -115,6 +114,9 @@ def expected_weight_names(config: ModelConfig) -> list[str]:
         names += [f"model.layers.{i}.{n}" for n in _LAYER_NAMES.values()
                   if config.attention_bias or not n.endswith(".bias")]
     return names
+
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def unpermute_qk(w: ArrayT, num_heads: int) -> ArrayT:
@@ -187,8 +189,11 @@ def dequantize_reference(raw: np.ndarray, ggml_type: GGMLQuantizationType) -> np
 def dequantize(raw: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     """Stored bytes uint8 [rows, row_bytes] -> a new float32 array [rows, cols]."""
     raw = np.ascontiguousarray(raw)
+    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    if raw.dtype != np.uint8 or raw.ndim == 0 or raw.shape[-1] % type_size:
+        raise WeightLoadError(f"{ggml_type.name}: expected uint8 rows of whole {type_size}-byte "
+                              f"blocks, got {raw.dtype} {raw.shape}")
     if ggml_type in _FAST_DEQUANT:
-        type_size = GGML_QUANT_SIZES[ggml_type][1]
         out = _FAST_DEQUANT[ggml_type](raw.reshape(-1, type_size))  # [nb, block_size]
         return out.reshape(*raw.shape[:-1], -1)
     try:
@@ -299,6 +304,11 @@ class GGUFReaderKV:
                     f"[{info.offset}, {info.offset + info.nbytes}) but the file has {size}")
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)  # [file size]
         self.tensor_infos: dict[str, GGUFTensorInfo] = {i.name: i for i in infos}
+        self.file_arch = str(self.metadata.get("general.architecture", ""))
+        try:
+            self.config = self._build_config()
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # e.g. heads % kv heads != 0
+            raise WeightLoadError(f"{path}: inconsistent metadata ({e})") from e
         self._hf_to_gguf: dict[str, str] = {}
         for name in self.tensor_infos:
             hf = gguf_to_hf_name(name)
@@ -307,8 +317,6 @@ class GGUFReaderKV:
             elif not name.endswith(_IGNORED_TENSORS):
                 raise WeightLoadError(f"{path}: unsupported tensor {name!r} (architecture variant "
                                       f"kvwise does not implement)")
-        self.file_arch = str(self.metadata.get("general.architecture", ""))
-        self.config = self._build_config()
         self._check_weights_present()
 
     def _meta(self, key: str, default: Any = None, required: bool = False) -> Any:
@@ -346,7 +354,7 @@ class GGUFReaderKV:
             head_dim=int(self._meta("attention.key_length", hidden // num_heads)),
             rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(self._meta("rope.freq_base", 10000.0)),
-            rope_scaling=self._rope_scaling(),
+            rope_scaling=check_rope_scaling(self._rope_scaling(), self.path),
             max_position_embeddings=int(self._meta("context_length", 4096)),
             tie_word_embeddings="output.weight" not in self.tensor_infos,
             attention_bias="blk.0.attn_q.bias" in self.tensor_infos,
@@ -356,13 +364,14 @@ class GGUFReaderKV:
 
     def _rope_scaling(self) -> Optional[dict[str, Any]]:
         if "rope_freqs.weight" in self.tensor_infos:
-            raw = self.raw_tensor("rope_freqs.weight")
-            factors = dequantize(raw.data, raw.ggml_type).reshape(-1).astype(np.float64)  # [D/2]
+            info = self.tensor_infos["rope_freqs.weight"]
+            raw = self._bytes[info.offset : info.offset + info.nbytes].reshape(1, -1)
+            factors = dequantize(raw, info.ggml_type).reshape(-1).astype(np.float64)  # [D/2]
             return _fit_llama3_rope_scaling(factors, float(self._meta("rope.freq_base", 10000.0)),
                                             self.path)
         kind = self._meta("rope.scaling.type")
         factor = self._meta("rope.scaling.factor") or self._meta("rope.scale_linear")
-        if kind in (None, "none") and factor is None:
+        if kind == "none" or (kind is None and factor is None):
             return None
         if kind in (None, "linear"):
             return {"rope_type": "linear", "factor": float(factor)}
@@ -426,6 +435,14 @@ class GGUFReaderKV:
     def load_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """All weights by HF name, in `expected_weight_names` order (no lm_head when tied)."""
         return {name: self.tensor(name, dtype) for name in expected_weight_names(self.config)}
+
+
+def check_rope_scaling(scaling: Optional[dict[str, Any]], source: str) -> Optional[dict]:
+    """`scaling` if kvwise's RoPE implements it (ModelConfig's invariant), else WeightLoadError."""
+    if scaling is not None and scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
+        raise WeightLoadError(f"{source}: rope scaling {scaling.get('rope_type')!r} is not "
+                              f"supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    return scaling
 
 
 def gguf_end_of_generation_ids(metadata: dict[str, Any]) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ import torch
 from kvwise.errors import ConfigError, ModelNotFoundError, WeightLoadError
 from kvwise.model import registry
 from kvwise.model.config import ModelConfig
-from kvwise.model.gguf_reader import GGUFReaderKV, expected_weight_names
+from kvwise.model.gguf_reader import GGUFReaderKV, check_rope_scaling, expected_weight_names
 from kvwise.model.tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -154,6 +154,8 @@ def config_from_hf_dict(cfg: dict[str, Any], source: str = "config.json",
     scaling = dict(cfg.get("rope_scaling") or rope_params)
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     scaling.pop("rope_theta", None)
+    rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+    check_rope_scaling(rope_scaling, source)
     eos = [x for v in (cfg.get("eos_token_id"), extra_eos) if v is not None
            for x in (v if isinstance(v, list) else [v])]
     try:
@@ -168,7 +170,7 @@ def config_from_hf_dict(cfg: dict[str, Any], source: str = "config.json",
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0)),
-            rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **scaling},
+            rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama/Mistral say so in attention_bias.
@@ -176,7 +178,7 @@ def config_from_hf_dict(cfg: dict[str, Any], source: str = "config.json",
             bos_token_id=int(cfg["bos_token_id"]) if cfg.get("bos_token_id") is not None else None,
             eos_token_ids=tuple(dict.fromkeys(int(x) for x in eos)),
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise WeightLoadError(f"{source}: {e}") from e
 
 

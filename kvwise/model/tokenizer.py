@@ -134,9 +134,10 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        tokens = [self._backend.id_to_token(i) for i in ids]
-        if any(t is None for t in tokens):
-            bad = [i for i, t in zip(ids, tokens) if t is None]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        tokens = [] if bad else [self._backend.id_to_token(i) for i in ids]
+        if bad or any(t is None for t in tokens):
+            bad = bad or [i for i, t in zip(ids, tokens) if t is None]
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary "
                                       f"(size {self.vocab_size})", param="ids")
         return tokens  # type: ignore[return-value]

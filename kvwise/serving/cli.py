@@ -26,11 +26,11 @@ logger = logging.getLogger("kvwise.serving")
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /metrics")
     g.add_argument("--max-queued-requests", type=int, default=None,
-                   help="requests allowed to wait for a slot; more get HTTP 503 (default: no bound)")
+                   help="requests that may wait for a slot; more get HTTP 503 (default: no limit)")
     g.add_argument("--served-model-name", action="append", default=None,
                    help="model name(s) clients use (repeatable; default: --model)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -242,16 +242,6 @@ async def _collect(streams: list[RequestStream], trackers: list[RequestTracker],
     return [f for f in finals if f is not None]
 
 
-class _Sent:
-    """What has already been streamed for one choice."""
-
-    def __init__(self) -> None:
-        self.chars = 0
-        self.tokens = 0
-        self.offset = 0  # legacy-logprobs text offset
-        self.done = False
-
-
 def _stream_error_event(exc: BaseException) -> str:
     e = _as_api_error(exc)
     if e.status >= 500 and not isinstance(exc, (EngineStepError, EngineUnavailableError)):
@@ -264,10 +254,10 @@ async def _stream(streams: list[RequestStream], trackers: list[RequestTracker], 
                   first: Optional[list[dict[str, Any]]] = None) -> AsyncIterator[str]:
     """The SSE loop shared by both endpoints.
 
-    `choice(index, completion, sent)` returns one choice dict (or None when there is nothing new)
-    and advances `sent`; `envelope(choices, usage)` wraps choices into a chunk.
+    `choice(index, completion, state)` returns one choice dict (or None when there is nothing
+    new) and advances `state`; `envelope(choices, usage)` wraps choices into a chunk.
     """
-    sent: dict[int, _Sent] = {}
+    sent: dict[int, P.StreamState] = {}
     prompt_tokens = [0] * len(streams)
     try:
         if first:
@@ -277,7 +267,7 @@ async def _stream(streams: list[RequestStream], trackers: list[RequestTracker], 
             prompt_tokens[i] = len(out.prompt_token_ids)
             choices = []
             for c in out.outputs:
-                s = sent.setdefault(i * n + c.index, _Sent())
+                s = sent.setdefault(i * n + c.index, P.StreamState())
                 if not s.done:
                     ch = choice(i * n + c.index, c, s)
                     if ch is not None:
@@ -298,18 +288,6 @@ async def _stream(streams: list[RequestStream], trackers: list[RequestTracker], 
     yield "data: [DONE]\n\n"
 
 
-def _advance(c: CompletionOutput, s: _Sent, want_logprobs: bool) -> Optional[tuple[str, int]]:
-    """(text delta, first new token) for choice `c`, or None when nothing is worth sending."""
-    delta = c.text[s.chars:]
-    start = s.tokens
-    s.chars = max(s.chars, len(c.text))
-    s.tokens = len(c.token_ids)
-    s.done = c.finished
-    if not delta and not c.finished and not (want_logprobs and s.tokens > start):
-        return None
-    return delta, start
-
-
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts the engine thread and drains it on shutdown."""
     server = _Server(engine, settings)
@@ -322,8 +300,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="kvwise", version="0.1", lifespan=lifespan)
     app.state.server = server
+    async def _handle(_r: Request, exc: Exception) -> JSONResponse:
+        return _error_response(exc)
+
     for exc_type in (APIError, KvwiseError, Exception):
-        app.add_exception_handler(exc_type, lambda _r, exc: _error_response(exc))
+        app.add_exception_handler(exc_type, _handle)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -390,26 +371,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         streams = await server.add([NewRequest(f"{rid}-{i}", p, params)
                                     for i, p in enumerate(prompts)])
         trackers = [server.metrics.tracker() for _ in streams]
-        k, want_lp = body.logprobs or 0, body.logprobs is not None
+        k = body.logprobs
 
-        def choice(index: int, c: CompletionOutput, s: _Sent) -> Optional[dict[str, Any]]:
-            offset = s.offset
-            step = _advance(c, s, want_lp)
-            if step is None:
-                return None
-            lp = P.completion_logprobs(c, step[1], k, offset) if want_lp else None
-            if lp is not None:
-                s.offset = offset + sum(len(t) for t in lp.tokens)
-            return P.CompletionChoice(index=index, text=step[0], logprobs=lp,
-                                      finish_reason=c.finish_reason,
-                                      stop_reason=c.stop_reason).model_dump()
+        def choice(index: int, c: CompletionOutput, st: P.StreamState) -> Optional[dict]:
+            return P.completion_chunk_choice(index, c, st, k)
 
         def envelope(choices: list, usage: Optional[dict]) -> dict[str, Any]:
-            chunk = {"id": rid, "object": "text_completion", "created": created,
-                     "model": model, "choices": choices}
-            if body.include_usage:
-                chunk["usage"] = usage
-            return chunk
+            return P.chunk(rid, "text_completion", created, model, choices,
+                           body.include_usage, usage)
 
         if body.stream:
             return StreamingResponse(
@@ -418,17 +387,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         finals = await _collect(streams, trackers, request)
         if finals is None:
             return Response(status_code=499)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, out in enumerate(finals):
-            prompt_tokens += len(out.prompt_token_ids)
-            for c in out.outputs:
-                completion_tokens += len(c.token_ids)
-                choices.append(P.CompletionChoice(
-                    index=i * body.n + c.index, text=c.text, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    logprobs=P.completion_logprobs(c, 0, k, 0) if want_lp else None))
-        return P.CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                    usage=P.usage(prompt_tokens, completion_tokens))
+        return P.completion_response(rid, created, model, finals, body.n, k)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses=_STREAMING)
@@ -442,42 +401,23 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await server.add([NewRequest(rid, prompt, params)])
         trackers = [server.metrics.tracker()]
-        k, want_lp = top_k or 0, top_k is not None
 
-        def choice(index: int, c: CompletionOutput, s: _Sent) -> Optional[dict[str, Any]]:
-            step = _advance(c, s, want_lp)
-            if step is None:
-                return None
-            lp = P.chat_logprobs(c, step[1], k).model_dump() if want_lp else None
-            return {"index": index, "delta": {"content": step[0]} if step[0] else {},
-                    "logprobs": lp, "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason}
+        def choice(index: int, c: CompletionOutput, st: P.StreamState) -> Optional[dict]:
+            return P.chat_chunk_choice(index, c, st, top_k)
 
         def envelope(choices: list, usage: Optional[dict]) -> dict[str, Any]:
-            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                     "model": model, "choices": choices}
-            if body.include_usage:
-                chunk["usage"] = usage
-            return chunk
+            return P.chunk(rid, "chat.completion.chunk", created, model, choices,
+                           body.include_usage, usage)
 
         if body.stream:
-            first = [{"index": i, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None} for i in range(body.n)]
             return StreamingResponse(
-                _stream(streams, trackers, body.n, envelope, choice, body.include_usage, first),
+                _stream(streams, trackers, body.n, envelope, choice, body.include_usage,
+                        P.chat_role_choices(body.n)),
                 media_type="text/event-stream")
         finals = await _collect(streams, trackers, request)
         if finals is None:
             return Response(status_code=499)
-        out = finals[0]
-        choices = [P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text),
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                logprobs=P.chat_logprobs(c, 0, k) if want_lp else None)
-                   for c in out.outputs]
-        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return P.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                        usage=P.usage(len(out.prompt_token_ids),
-                                                      completion_tokens))
+        return P.chat_response(rid, created, model, finals[0], top_k)
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
     async def tokenize(body: P.TokenizeRequest) -> P.TokenizeResponse:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvwise.errors import InvalidRequestError
-from kvwise.outputs import CompletionOutput, Logprob
+from kvwise.outputs import CompletionOutput, Logprob, RequestOutput
 from kvwise.sampling_params import SamplingParams
 
 MIN_LOGPROB = -9999.0
@@ -365,3 +365,91 @@ def chat_logprobs(c: CompletionOutput, start: int, k: int) -> ChatLogprobs:
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
     return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
                      total_tokens=num_prompt_tokens + num_completion_tokens)
+
+
+# -- streaming deltas ------------------------------------------------------------------------------
+class StreamState:
+    """What has already been streamed for one choice."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.tokens = 0
+        self.offset = 0  # legacy-logprobs text offset
+        self.done = False
+
+    def advance(self, c: CompletionOutput, want_logprobs: bool) -> Optional[tuple[str, int]]:
+        """(text delta, first new token index) of `c`, or None when nothing is worth sending."""
+        delta = c.text[self.chars:]
+        start = self.tokens
+        self.chars = max(self.chars, len(c.text))
+        self.tokens = len(c.token_ids)
+        self.done = c.finished
+        if not delta and not c.finished and not (want_logprobs and self.tokens > start):
+            return None
+        return delta, start
+
+
+def chunk(rid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]],
+          include_usage: bool, usage_info: Optional[dict[str, Any]]) -> dict[str, Any]:
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:  # OpenAI: every chunk carries "usage", null but in the last one
+        out["usage"] = usage_info
+    return out
+
+
+def completion_chunk_choice(index: int, c: CompletionOutput, st: StreamState,
+                            logprobs: Optional[int]) -> Optional[dict[str, Any]]:
+    offset = st.offset
+    step = st.advance(c, logprobs is not None)
+    if step is None:
+        return None
+    lp = completion_logprobs(c, step[1], logprobs, offset) if logprobs is not None else None
+    if lp is not None:
+        st.offset = offset + sum(len(t) for t in lp.tokens)
+    return CompletionChoice(index=index, text=step[0], logprobs=lp,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason).model_dump()
+
+
+def chat_role_choices(n: int) -> list[dict[str, Any]]:
+    return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None} for i in range(n)]
+
+
+def chat_chunk_choice(index: int, c: CompletionOutput, st: StreamState,
+                      top_logprobs: Optional[int]) -> Optional[dict[str, Any]]:
+    step = st.advance(c, top_logprobs is not None)
+    if step is None:
+        return None
+    lp = chat_logprobs(c, step[1], top_logprobs).model_dump() if top_logprobs is not None \
+        else None
+    return {"index": index, "delta": {"content": step[0]} if step[0] else {}, "logprobs": lp,
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def completion_response(rid: str, created: int, model: str, finals: list[RequestOutput], n: int,
+                        logprobs: Optional[int]) -> CompletionResponse:
+    """Choice index = prompt index * n + sibling index (as the OpenAI API numbers them)."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, out in enumerate(finals):
+        prompt_tokens += len(out.prompt_token_ids)
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            choices.append(CompletionChoice(
+                index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=completion_logprobs(c, 0, logprobs, 0) if logprobs is not None
+                else None))
+    return CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                              usage=usage(prompt_tokens, completion_tokens))
+
+
+def chat_response(rid: str, created: int, model: str, out: RequestOutput,
+                  top_logprobs: Optional[int]) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                          logprobs=chat_logprobs(c, 0, top_logprobs)
+                          if top_logprobs is not None else None)
+               for c in out.outputs]
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                  usage=usage(len(out.prompt_token_ids), completion_tokens))

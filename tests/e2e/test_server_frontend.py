@@ -88,6 +88,7 @@ class FakeEngine:
         self.running: list[_Seq] = []
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.thread_ids: set[int] = set()
+        self.num_polls = 0
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
                     *, arrival_time: Optional[float] = None) -> None:
@@ -121,6 +122,7 @@ class FakeEngine:
                     self.waiting.remove(s)
 
     def has_unfinished_requests(self) -> bool:
+        self.num_polls += 1
         return bool(self.groups)
 
     def _next_token(self, s: _Seq) -> int:
@@ -262,13 +264,55 @@ def sse_events(resp: httpx.Response) -> list[Any]:
 
 
 # -- happy paths --------------------------------------------------------------------------------
-def test_completion_and_engine_thread(srv: InProcessServer, oai: openai.OpenAI, client: Any) -> None:
+def test_completion_and_engine_thread(srv: InProcessServer, oai: openai.OpenAI,
+                                      client: Any) -> None:
     r = oai.completions.create(model="fake", prompt="abc", max_tokens=5, temperature=0)
     assert r.choices[0].text == "defgh"
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 5, 8)
     assert threading.main_thread().ident not in srv.engine.thread_ids
     assert len(srv.engine.thread_ids) == 1  # only the engine thread ever touched the engine
+
+
+def test_idle_engine_thread_blocks(srv: InProcessServer, client: Any) -> None:
+    client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+    time.sleep(0.1)
+    before = srv.engine.num_polls
+    time.sleep(0.5)
+    assert srv.engine.num_polls - before <= 2  # blocked on its inbox, not spinning
+
+
+def test_async_engine_orphaned_and_unread_streams() -> None:
+    """A stream dropped unread aborts its request; one finished but never read frees its slot."""
+    import gc
+
+    from kvwise.engine.async_engine import NewRequest
+
+    async def main() -> None:
+        fake = FakeEngine(max_model_len=1000, step_time=0.01)
+        eng = AsyncEngine(fake, max_num_seqs=1, max_queued_requests=0)
+        eng.start()
+        params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        streams = await eng.add_requests([NewRequest("orphan", "a", params)])
+        await asyncio.sleep(0.05)
+        assert fake.running and eng.num_in_flight == 1
+        del streams
+        gc.collect()
+        for _ in range(100):
+            if not fake.groups:
+                break
+            await asyncio.sleep(0.01)
+        assert not fake.groups and eng.num_in_flight == 0
+        short = await eng.add_requests([NewRequest("unread", "a", SamplingParams(max_tokens=2))])
+        for _ in range(100):  # finishes without anyone iterating its stream
+            if eng.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.num_in_flight == 0 and short[0].queue.qsize() >= 1
+        await eng.shutdown(1.0)
+        assert not eng.is_alive()
+
+    asyncio.run(main())
 
 
 def test_batch_prompts_and_token_ids(oai: openai.OpenAI, client: Any) -> None:
@@ -462,8 +506,9 @@ def test_disconnect_mid_stream_aborts(srv: InProcessServer, client: httpx.Client
             with client.stream("POST", path, json={**body, "max_tokens": 40, "n": 2,
                                                    "stream": True}) as resp:
                 assert resp.status_code == 200
-                for _ in zip(range(4), resp.iter_lines()):
-                    pass
+                lines = resp.iter_lines()  # kept referenced: dropping it closes the connection
+                for _ in range(4):
+                    next(lines)
                 assert srv.engine.running  # generating while we hang up
             _assert_drained(srv.url)
         # non-streaming request whose client gives up
@@ -568,8 +613,8 @@ def test_graceful_shutdown_finishes_in_flight() -> None:
 
 # -- fuzz ---------------------------------------------------------------------------------------
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
                                                               max_size=3), max_leaves=8)
 _fields = {

@@ -21,10 +21,9 @@ from hypothesis import strategies as st
 from kvwise.sampling_params import SamplingParams
 
 MAX_MODEL_LEN = 256
-EXTRA_ARGS = ["--no-enable-prefix-caching"]  # TEMP
-ENGINE_ARGS = {"threads": 2, "max_model_len": MAX_MODEL_LEN, "kv_cache_memory": "128MiB", "enable_prefix_caching": False}  # TEMP
+ENGINE_ARGS = {"threads": 2, "max_model_len": MAX_MODEL_LEN, "kv_cache_memory": "128MiB"}
 SERVER_ARGS = ["--threads", "2", "--max-model-len", str(MAX_MODEL_LEN),
-               "--kv-cache-memory", "128MiB", *EXTRA_ARGS, "--served-model-name", "smollm2-135m",
+               "--kv-cache-memory", "128MiB", "--served-model-name", "smollm2-135m",
                "--served-model-name", "smol"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 CHAT = [{"role": "user", "content": "Name three colors."}]
@@ -135,7 +134,7 @@ def test_logprobs(oai: openai.OpenAI, http: Any) -> None:
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == r.choices[0].text
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for val, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert 3 <= len(top) <= 4 and val <= 0
         assert val == pytest.approx(max(top.values()), abs=1e-4)  # greedy = the top-1 token
     r = oai.chat.completions.create(model="smol", messages=CHAT, max_tokens=5, temperature=0,
@@ -177,17 +176,44 @@ def test_64_concurrent_streams(oai: openai.OpenAI, server: Any, http: Any) -> No
 def test_disconnect_mid_stream_frees_blocks(server: Any, http: Any) -> None:
     for path, body in (("/v1/completions", {"prompt": PROMPTS[1]}),
                        ("/v1/chat/completions", {"messages": CHAT})):
+        before = server.stats()["generation_tokens_total"]
         with http.stream("POST", path, json={**body, "max_tokens": 200, "n": 2,
                                              "ignore_eos": True, "stream": True}) as resp:
             assert resp.status_code == 200
-            for _ in zip(range(6), resp.iter_lines()):
-                pass
+            lines = resp.iter_lines()  # kept referenced: dropping it closes the connection
+            for _ in range(6):
+                next(lines)
             assert server.stats()["num_running"] == 2  # both siblings still generating
         stats = server.wait_drained(timeout=20)
-        assert stats["generation_tokens_total"] < 10_000
+        assert stats["generation_tokens_total"] - before < 2 * 200  # stopped early
+    # a non-streaming client that gives up is aborted too
+    before = server.stats()["generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 200,
+                                           "ignore_eos": True}, timeout=1.0)
+    assert server.wait_drained(timeout=20)["generation_tokens_total"] - before < 200
     metrics = http.get("/metrics").text
-    assert 'kvwise:request_success_total{finished_reason="abort",model_name="smollm2-135m"}' \
+    assert 'kvwise:request_success_total{finished_reason="abort",model_name="smollm2-135m"} 3.0' \
         in metrics
+
+
+def test_bench_serve_runs(server: Any, tmp_path: Any, capsys: Any) -> None:
+    """`kvwise bench serve --url ...` runs against this server (a benchmark is not a test)."""
+    import argparse
+
+    from kvwise.bench.serving import add_serving_bench_parser
+
+    parser = argparse.ArgumentParser()
+    add_serving_bench_parser(parser.add_subparsers(dest="kind"))
+    out = tmp_path / "serve.json"
+    args = parser.parse_args(["serve", "--url", server.url, "--num-prompts", "4", "--input-len",
+                              "12", "--output-len", "4", "--request-rate", "inf",
+                              "--output-json", str(out)])
+    assert args.func(args) == 0
+    summary = json.loads(out.read_text())
+    assert summary["num_failed"] == 0 and summary["output_throughput"] > 0
+    assert "attainment=" in capsys.readouterr().out
+    server.wait_drained()
 
 
 def _count(http: Any, prompt: str) -> int:

@@ -334,3 +334,16 @@ def test_unsupported_architecture(tiny_gguf) -> None:
     path = tiny_gguf(arch="gpt2")["path"]
     with pytest.raises(WeightLoadError, match="gpt2"):
         GGUFReaderKV(path)
+
+
+def test_unsupported_rope_scaling_is_rejected(tiny_gguf) -> None:
+    path = tiny_gguf(extra_kv={"llama.rope.scaling.type": "yarn",
+                               "llama.rope.scaling.factor": 4.0})["path"]
+    with pytest.raises(WeightLoadError, match="yarn"):
+        GGUFReaderKV(path)
+
+
+def test_inconsistent_head_counts(tiny_gguf) -> None:
+    path = tiny_gguf(heads=4, kv_heads=3)["path"]
+    with pytest.raises(WeightLoadError, match="num_kv_heads"):
+        GGUFReaderKV(path)
