@@ -9,7 +9,8 @@ Invariants:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
 
 from tqdm import tqdm
 
