@@ -25,7 +25,8 @@ class PrefillSpan:
     start: int  # first row of this span in the step's T tokens
     num_query_tokens: int
     num_context_tokens: int  # tokens with KV after this step (earlier chunks + this span)
-    context_slots: Optional[torch.Tensor]  # [C] long flat slots, None when the span is its own context
+    # [ceil(C/S)] long block ids of the context, None when the span is its own context
+    context_block_ids: Optional[torch.Tensor]
 
     @property
     def num_prior_tokens(self) -> int:
@@ -36,8 +37,9 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: flat cache row of each new token
     num_decode_tokens: int  # Bd
-    decode_slots: Optional[torch.Tensor]  # [Bd, Lmax] long flat rows of each decode's context
-    decode_mask: Optional[torch.Tensor]  # [Bd, 1, 1, Lmax] bool, True = attend
+    # [Bd * nb] long: each decode's block table padded to nb blocks (pad = block 0, masked out)
+    decode_block_ids: Optional[torch.Tensor]
+    decode_mask: Optional[torch.Tensor]  # [Bd, 1, 1, nb * S] bool, True = attend
     decode_context_lens: Optional[torch.Tensor]  # [Bd] long
     prefills: list[PrefillSpan]
     block_size: int

@@ -61,29 +61,27 @@ class ModelRunner:
             if n == 1 and not prefills:
                 num_decode += 1
             else:
-                context_slots = None
+                context_blocks = None
                 if start_pos > 0:
-                    context_slots = _slots_of(table, ctx, s).to(self.device)
-                prefills.append(PrefillSpan(start, n, ctx, context_slots))
+                    nb = (ctx + s - 1) // s
+                    context_blocks = torch.tensor(table[:nb], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(start, n, ctx, context_blocks))
             if sch.samples:
                 logits_idx.append(len(ids) - 1)
                 sampling_rows.append(row)
         dev = self.device
-        decode_slots = decode_mask = decode_lens = None
+        decode_blocks = decode_mask = decode_lens = None
         if num_decode:
             lens = ctx_lens[:num_decode]
-            lmax = max(lens)
-            nb = (lmax + s - 1) // s
-            table_t = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables[:num_decode]],
-                                   dtype=torch.long)  # [Bd, nb]
-            decode_slots = (table_t[:, :, None] * s + torch.arange(s)).view(num_decode, nb * s)
-            decode_slots = decode_slots[:, :lmax].to(dev)  # [Bd, Lmax]
+            nb = (max(lens) + s - 1) // s
+            padded = [b for t in tables[:num_decode] for b in t[:nb] + [0] * (nb - len(t[:nb]))]
+            decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [Bd * nb]
             decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)  # [Bd]
-            decode_mask = (torch.arange(lmax, device=dev)[None, :] < decode_lens[:, None])
-            decode_mask = decode_mask[:, None, None, :]  # [Bd, 1, 1, Lmax]
+            decode_mask = torch.arange(nb * s, device=dev)[None, :] < decode_lens[:, None]
+            decode_mask = decode_mask[:, None, None, :]  # [Bd, 1, 1, nb * S]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=num_decode, decode_slots=decode_slots, decode_mask=decode_mask,
+            num_decode_tokens=num_decode, decode_block_ids=decode_blocks, decode_mask=decode_mask,
             decode_context_lens=decode_lens, prefills=prefills, block_size=s,
             block_tables=tables, context_lens=ctx_lens)
         return StepInputs(
@@ -98,9 +96,3 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta,
                           self.backend, inputs.logits_indices)
 
-
-def _slots_of(table: list[int], num_tokens: int, s: int) -> torch.Tensor:
-    """Flat cache rows of the first num_tokens slots of a block table -> [C] long."""
-    nb = (num_tokens + s - 1) // s
-    t = torch.tensor(table[:nb], dtype=torch.long)
-    return (t[:, None] * s + torch.arange(s)).view(-1)[:num_tokens]
