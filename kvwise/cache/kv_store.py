@@ -3,6 +3,7 @@
 Invariants:
 - `k[l]` and `v[l]` are [N*S, K, D] views of layer l; block b owns rows b*S .. b*S+S-1 in every
   layer ("one block id spans all layers").
+- Every slot always holds a finite value (zero until first written).
 - The store never decides which block a token goes to: the KV manager does, the runner turns that
   into slot rows, and the model writes them with `write`.
 """
@@ -26,9 +27,10 @@ class KVStore:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        # torch.empty: pages are touched lazily, so a large pool costs nothing until used.
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
-        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
+        # Zeroed, not empty: attention gathers whole blocks and masks the unwritten slots, and a
+        # masked slot holding NaN garbage would still poison the output (0 * NaN = NaN).
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
         self.bytes_per_block = bytes_per_block(cfg, block_size, dtype)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,0 +1,103 @@
+"""Bad input gets a clear error naming the field, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kvwise import LLM, SamplingParams
+from kvwise.config import EngineConfig
+from kvwise.errors import ConfigError, InvalidRequestError, ModelNotFoundError
+
+
+@pytest.fixture(scope="module")
+def small():
+    return LLM("smollm2-135m", threads=2, max_model_len=64, num_blocks=8, block_size=16)
+
+
+@pytest.mark.parametrize("prompt", ["", []])
+def test_empty_prompt(small, prompt):
+    with pytest.raises(InvalidRequestError) as e:
+        small.generate([prompt], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("extra,ok", [(-1, True), (0, True), (1, False)])
+def test_context_limit_boundary(small, extra, ok):
+    """prompt + max_tokens at max_model_len - 1, == and + 1."""
+    prompt = [100] * 40
+    params = SamplingParams(max_tokens=64 - 40 + extra, ignore_eos=True)
+    if ok:
+        out = small.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 64 - 40 + extra and out.finish_reason == "length"
+    else:
+        with pytest.raises(InvalidRequestError) as e:
+            small.generate([prompt], params, use_tqdm=False)
+        assert e.value.param == "max_tokens" and "max_model_len=64" in str(e.value)
+
+
+def test_prompt_alone_over_limit(small):
+    with pytest.raises(InvalidRequestError) as e:
+        small.generate([[5] * 64], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert e.value.param == "prompt" and "64" in str(e.value)
+
+
+def test_token_ids_outside_vocab(small):
+    with pytest.raises(InvalidRequestError) as e:
+        small.generate([[1, 2, 49152]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"),
+    (dict(min_p=2.0), "min_p"), (dict(logprobs=99), "logprobs"), (dict(stop=[""]), "stop"),
+    (dict(temperature=float("nan")), "temperature"),
+])
+def test_invalid_sampling_values(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+
+
+def test_bad_request_in_batch_queues_nothing_and_engine_keeps_serving(small):
+    with pytest.raises(InvalidRequestError):
+        small.generate(["hello", ""], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert small.stats()["num_waiting"] == 0 and small.stats()["num_blocks_used"] == 0
+    out = small.generate(["hello"], SamplingParams(max_tokens=2, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    small.engine.check_integrity()
+
+
+def test_pool_too_small_for_request(small):
+    # 8 blocks x 16 = 128 slots; max_model_len 64 always fits, so use a wider engine limit
+    llm = LLM("smollm2-135m", threads=2, max_model_len=512, num_blocks=4, block_size=16)
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([[7] * 10], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert e.value.param == "max_tokens" and "KV blocks" in str(e.value)
+
+
+def test_unknown_model_and_bad_config():
+    with pytest.raises(ModelNotFoundError):
+        LLM("no-such-model-xyz")
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(block_size=3)
+    assert e.value.param == "block_size"
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_kwargs(max_num_seq=4)
+    assert e.value.param == "max_num_seq"
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    for args in (["--model", "no-such-model-xyz"], ["--model", str(bad)],
+                 ["--temperature", "-1"]):
+        proc = subprocess.run([sys.executable, "-m", "kvwise.cli", "generate", "--prompt", "hi",
+                               "--max-tokens", "2", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
