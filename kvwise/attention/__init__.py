@@ -1,6 +1,6 @@
 """Attention backends, chosen by name (`--attention-backend`)."""
 
-from kvwise.attention import paged, reference  # noqa: F401  (register the backends)
+from kvwise.attention import paged, reference, two_phase  # noqa: F401  (register the backends)
 from kvwise.attention.backend import (
     AttentionMetadata,
     PrefillSpan,

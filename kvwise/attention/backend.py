@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -47,9 +47,15 @@ class AttentionMetadata:
     # whole blocks (two-phase) and for the reference oracle.
     block_tables: list[list[int]]
     context_lens: list[int]
+    # What the backend's optional `prepare(meta)` hook returned for this step (None without one).
+    backend_data: Optional[Any] = None
 
 
 class AttentionBackend(Protocol):
+    """A backend may also define `prepare(meta) -> Any`: the runner then calls it once per step,
+    after building `meta`, and stores the result in `meta.backend_data` for every layer (extra
+    per-step metadata such as two-phase's shared-chunk plan). Backends without it cost nothing."""
+
     name: str
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -59,6 +59,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pri
     return out[0].transpose(0, 1)  # [Tq, H, D]
 
 
+def prefill_spans_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """Write every prefill span's attention into `out` [T, H, D] (q [T, H, D]; caches
+    [N*S, K, D]). Shared by every backend whose prefill is the paged one."""
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_query_tokens)
+        if span.context_block_ids is None:
+            own = meta.slot_mapping[rows]
+            k, v = k_cache[own], v_cache[own]  # [Tq, K, D]
+        else:
+            k = gather_blocks(k_cache, span.context_block_ids, meta.block_size)  # [C', K, D]
+            v = gather_blocks(v_cache, span.context_block_ids, meta.block_size)
+        out[rows] = prefill_attention(q[rows], k, v, span.num_prior_tokens, scale)
+
+
 class PagedBackend:
     name = "paged"
 
@@ -72,15 +87,7 @@ class PagedBackend:
         if bd:
             out[:bd] = decode_attention(q[:bd], k_cache, v_cache, meta.decode_block_ids,
                                         meta.decode_mask, meta.block_size, scale)
-        for span in meta.prefills:
-            rows = slice(span.start, span.start + span.num_query_tokens)
-            if span.context_block_ids is None:
-                own = meta.slot_mapping[rows]
-                k, v = k_cache[own], v_cache[own]  # [Tq, K, D]
-            else:
-                k = gather_blocks(k_cache, span.context_block_ids, meta.block_size)  # [C', K, D]
-                v = gather_blocks(v_cache, span.context_block_ids, meta.block_size)
-            out[rows] = prefill_attention(q[rows], k, v, span.num_prior_tokens, scale)
+        prefill_spans_attention(q, k_cache, v_cache, meta, scale, out)
         return out
 
 

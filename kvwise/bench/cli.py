@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Optional, Union
 
 from kvwise.bench import report
+from kvwise.bench.attention import add_attention_bench_parser
 from kvwise.bench.latency import measure_latency
 from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable
 from kvwise.bench.serving import add_serving_bench_parser
@@ -88,7 +89,8 @@ def _add_throughput(kinds: Any) -> None:
 
 
 # Each adds one `kvwise bench <kind>` sub-subcommand that sets func=; extend here (e.g. serve).
-BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput, add_serving_bench_parser]
+BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput, add_serving_bench_parser,
+                                             add_attention_bench_parser]
 
 
 def add_bench_parser(subparsers: Any) -> None:

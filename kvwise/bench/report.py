@@ -186,7 +186,8 @@ def update_markdown(path: str, bench: str, section: str) -> None:
         f.write(text)
 
 
-def write_chart(path: str, bench: str, results: list[Result], title: str) -> None:
+def write_chart(path: str, bench: str, results: list[Result], title: str,
+                ylabel: str = "tokens / second (median)") -> None:
     """Grouped bars: one group per metric, one bar per engine (median, whiskers min-max)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -213,7 +214,7 @@ def write_chart(path: str, bench: str, results: list[Result], title: str) -> Non
         bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(range(len(metrics)), [m.replace("_tok_s", " tok/s") for m in metrics])
-    ax.set_ylabel("tokens / second (median)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

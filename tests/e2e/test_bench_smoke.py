@@ -109,3 +109,42 @@ def test_report_lines_and_section_replacement(tmp_path: Path) -> None:
     assert text.count("<!-- kvwise-bench:throughput -->") == 1
     assert text.count("<!-- kvwise-bench:latency -->") == 1
     assert "| **kvwise** | 2.0 (2.0-2.0) |" in text and "1.0 (1.0-1.0)" not in text
+
+
+TINY_SERVE = ["serve", "--dataset", "pydoc", "--num-prompts", "3", "--request-rates", "4",
+              "--max-tokens", "4", "--threads", "2"]
+
+
+def _check_serve(lines: list[dict[str, str]], md: Path, png: Path, engine: str) -> None:
+    (rate_line,) = [x for x in lines if x["kind"] == "serve"]
+    assert rate_line["engine"] == engine and rate_line["rate"] == "4"
+    assert rate_line["requests"] == "3" and rate_line["failed"] == "0"
+    assert float(rate_line["out_tokens_mean"]) == 4.0
+    assert 0.0 <= float(rate_line["attainment"]) <= 1.0
+    assert float(rate_line["ttft_p50_s"]) <= float(rate_line["ttft_p99_s"])
+    (max_rate,) = [x for x in lines if x["kind"] == "maxrate"]
+    assert max_rate["engine"] == engine and max_rate["bound"] in ("lower", "upper")
+    text = md.read_text()
+    assert text.count("<!-- kvwise-bench:serve -->") == 1 and f"| {engine} |" in text
+    assert png.name in text and png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_serve_smoke(engine: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvwise bench serve` starts its own `kvwise serve`, loads it at one rate, reports."""
+    md, png, out_args = _outputs(tmp_path, "serve")
+    lines = _run(capsys, [*TINY_SERVE, "--engines", "kvwise", *out_args])
+    _check_serve(lines, md, png, "kvwise")
+
+
+@pytest.mark.slow
+def test_serve_llamacpp_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The llama.cpp peer: `python -m llama_cpp.server` on the same GGUF (skips if it can't run)."""
+    pytest.importorskip("llama_cpp")
+    md, png, out_args = _outputs(tmp_path, "serve")
+    status = main([*TINY_SERVE, "--engines", "llamacpp", *out_args])
+    lines = [report.parse_line(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    skips = [x for x in lines if x["kind"] == "skip"]
+    if skips:
+        pytest.skip(f"llama_cpp.server cannot start: {skips[0]['reason']}")
+    assert status == 0
+    _check_serve(lines, md, png, "llamacpp")

@@ -206,12 +206,14 @@ def test_bench_serve_runs(server: Any, tmp_path: Any, capsys: Any) -> None:
     parser = argparse.ArgumentParser()
     add_serving_bench_parser(parser.add_subparsers(dest="kind"))
     out = tmp_path / "serve.json"
-    args = parser.parse_args(["serve", "--url", server.url, "--num-prompts", "4", "--input-len",
-                              "12", "--output-len", "4", "--request-rate", "inf",
+    args = parser.parse_args(["serve", "--url", server.url, "--engines", "kvwise",
+                              "--dataset", "pydoc", "--num-prompts", "4", "--max-tokens", "4",
+                              "--request-rates", "8", "--output-md", "none", "--chart", "none",
                               "--output-json", str(out)])
     assert args.func(args) == 0
-    summary = json.loads(out.read_text())
-    assert summary["num_failed"] == 0 and summary["output_throughput"] > 0
+    (summary,) = json.loads(out.read_text())["rates"]
+    assert summary["num_failed"] == 0 and summary["output_tok_s"] > 0
+    assert summary["mean_output_tokens"] == 4
     assert "attainment=" in capsys.readouterr().out
     server.wait_drained()
 

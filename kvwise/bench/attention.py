@@ -1,0 +1,239 @@
+"""`kvwise bench attention`: decode attention kernel time per step, after ChunkAttention's Table 3.
+
+One layer's decode attention for `--num-requests` requests (SmolLM2-135M shapes: 9 query heads,
+3 KV heads, head dim 64, block 16, fp32) in two cases per length n:
+- shared_<n>: all requests share an n-token prefix (whole chunks) + `--private-len` own tokens;
+- distinct_<n>: the same context lengths with nothing shared.
+Each backend (two_phase, paged, reference) runs on the same caches, block tables and queries;
+the metric is microseconds per call (one layer; a model step calls it once per layer).
+
+Invariants:
+- Every backend gets identical metadata, built as the runner builds it; a backend's `prepare`
+  hook (two-phase's shared-chunk plan) runs once per configuration, outside the timed call,
+  as the runner runs it once per step for all layers; its cost is reported in a note.
+- Before timing, every backend's output is checked against the reference (max abs error noted).
+- Blocks come from a shuffled pool (as after a server's churn), fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from kvwise.attention import AttentionMetadata, available_backends, get_backend
+from kvwise.bench import report
+
+BENCH = "attention"
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16  # SmolLM2-135M
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # e.g. "shared_2048"
+    tables: list[list[int]]
+    ctx_lens: list[int]
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}")
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {value!r}")
+    return out
+
+
+def _backends(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in available_backends()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(available_backends())}")
+    return names
+
+
+def add_attention_bench_parser(kinds: Any) -> None:
+    p = kinds.add_parser("attention", help="decode attention kernel: two_phase vs paged vs "
+                                           "reference with and without a shared prefix")
+    p.add_argument("--num-requests", type=int, default=32, help="decode requests per step")
+    p.add_argument("--shared-lens", type=_ints, default=[1024, 2048, 4096],
+                   help="shared prefix lengths in tokens (comma list; multiples of 16)")
+    p.add_argument("--private-len", type=int, default=64, help="own tokens per request")
+    p.add_argument("--no-distinct", dest="distinct", action="store_false",
+                   help="skip the no-sharing cases")
+    p.add_argument("--backends", type=_backends, default=["two_phase", "paged", "reference"],
+                   help="comma list of attention backends")
+    p.add_argument("--runs", type=int, default=7, help="measured calls per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured calls before them")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-md", default="BENCHMARKS.md",
+                   help="markdown file whose section for this bench is replaced; none: skip")
+    p.add_argument("--chart", default=None,
+                   help="bar chart path (default docs/bench_attention.png); none: skip")
+    p.set_defaults(func=run_attention_bench)
+
+
+def build_cases(num_requests: int, shared_lens: list[int], private_len: int, distinct: bool,
+                seed: int) -> tuple[list[Case], int]:
+    """Block tables of every case over one shuffled pool; -> (cases, blocks needed)."""
+    s = BLOCK_SIZE
+    cases = []
+    for n in shared_lens:
+        assert n % s == 0, f"shared length {n} is not a multiple of the block size {s}"
+        ctx = n + private_len
+        own = (ctx + s - 1) // s - n // s
+        shared = list(range(n // s))
+        cases.append(Case(f"shared_{n}", [shared + [n // s + i * own + j for j in range(own)]
+                                          for i in range(num_requests)], [ctx] * num_requests))
+        if distinct:
+            nb = (ctx + s - 1) // s
+            cases.append(Case(f"distinct_{n}", [[i * nb + j for j in range(nb)]
+                                                 for i in range(num_requests)],
+                              [ctx] * num_requests))
+    num_blocks = max(max(b for t in c.tables for b in t) for c in cases) + 1
+    perm = list(range(num_blocks))
+    random.Random(seed).shuffle(perm)
+    cases = [Case(c.name, [[perm[b] for b in t] for t in c.tables], c.ctx_lens) for c in cases]
+    return cases, num_blocks
+
+
+def decode_metadata(tables: list[list[int]], ctx_lens: list[int],
+                    device: torch.device) -> AttentionMetadata:
+    """The decode-only metadata the runner builds for these block tables (1 query each)."""
+    s = BLOCK_SIZE
+    nb = (max(ctx_lens) + s - 1) // s
+    padded = [b for t in tables for b in t[:nb] + [0] * (nb - len(t[:nb]))]
+    lens = torch.tensor(ctx_lens, dtype=torch.long, device=device)  # [B]
+    mask = (torch.arange(nb * s, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    slots = [t[(c - 1) // s] * s + (c - 1) % s for t, c in zip(tables, ctx_lens)]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        num_decode_tokens=len(tables),
+        decode_block_ids=torch.tensor(padded, dtype=torch.long, device=device),
+        decode_mask=mask, decode_context_lens=lens, prefills=[], block_size=s,
+        block_tables=tables, context_lens=ctx_lens)
+
+
+def _median_us(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def measure_case(case: Case, backends: list[str], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 runs: int, warmup: int, seed: int) -> tuple[list[report.Result], list[str]]:
+    """Time every backend on one case; -> results and notes (errors, prepare cost)."""
+    device = k_cache.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(len(case.tables), NUM_HEADS, HEAD_DIM, generator=gen).to(device)  # [B, H, D]
+    scale = HEAD_DIM ** -0.5
+    notes, results, expect = [], [], None
+    for name in backends:
+        backend = get_backend(name)
+        meta = decode_metadata(case.tables, case.ctx_lens, device)
+        prepare = getattr(backend, "prepare", None)
+        if prepare is not None:
+            build_us = _median_us(lambda: type(backend)().prepare(meta), 3, 1)
+            meta.backend_data = prepare(meta)
+            step_us = _median_us(lambda: prepare(meta), 5, 1)  # same batch: structure reused
+            notes.append(f"{case.name}: {name} prepare {statistics.median(build_us):.0f} us "
+                         f"when the batch changes, {statistics.median(step_us):.0f} us per "
+                         f"later step (once per step for all layers)")
+        out = backend.forward(q, k_cache, v_cache, meta, scale)
+        if expect is None:
+            ref = get_backend("reference")
+            expect = ref.forward(q, k_cache, v_cache, decode_metadata(
+                case.tables, case.ctx_lens, device), scale)
+        err = (out - expect).abs().max().item()
+        if name != "reference":
+            notes.append(f"{case.name}: {name} max abs error vs reference {err:.1e}")
+        values = _median_us(lambda: backend.forward(q, k_cache, v_cache, meta, scale),
+                            runs, warmup)
+        results.append(report.Result(BENCH, name, f"{case.name}_us", tuple(values)))
+    return results, notes
+
+
+def speedup_lines(results: list[report.Result], fast: str, slow: str) -> list[str]:
+    """`ratio <fast>/<slow> case=x ...` with x = slow median / fast median (> 1: fast wins)."""
+    by = {(r.engine, r.metric): r.median for r in results}
+    pairs = [(m.removesuffix("_us"), by[(slow, m)] / by[(fast, m)])
+             for (e, m) in by if e == fast and (slow, m) in by]
+    if not pairs:
+        return []
+    return [f"ratio {fast}/{slow} " + " ".join(f"{k}={v:.2f}" for k, v in pairs)]
+
+
+def run_attention_bench(args: argparse.Namespace) -> int:
+    if args.runs < 1 or args.warmup < 0 or args.num_requests < 1 or args.private_len < 1:
+        print("error: --runs, --num-requests, --private-len must be >= 1, --warmup >= 0",
+              file=sys.stderr)
+        return 2
+    if any(n % BLOCK_SIZE for n in args.shared_lens):
+        print(f"error: --shared-lens must be multiples of {BLOCK_SIZE}", file=sys.stderr)
+        return 2
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cases, num_blocks = build_cases(args.num_requests, args.shared_lens, args.private_len,
+                                    args.distinct, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen)  # [N*S, K, D]
+    v_cache = torch.randn(shape, generator=gen)  # [N*S, K, D]
+    print(f"[bench] attention: {args.num_requests} requests, {threads} threads, "
+          f"backends={','.join(args.backends)}", file=sys.stderr, flush=True)
+    results: list[report.Result] = []
+    notes: list[str] = []
+    for case in cases:
+        res, case_notes = measure_case(case, args.backends, k_cache, v_cache, args.runs,
+                                       args.warmup, args.seed)
+        for r in res:
+            print(r.line(), flush=True)
+        results += res
+        notes += case_notes
+    lines = speedup_lines(results, "two_phase", "paged")
+    for line in lines:
+        print(line, flush=True)
+    for note in notes:
+        print(f"[bench] {note}", file=sys.stderr, flush=True)
+    _publish(args, results, threads, lines + notes)
+    return 0
+
+
+def _publish(args: argparse.Namespace, results: list[report.Result], threads: int,
+             notes: list[str]) -> None:
+    workload = (f"decode attention of one layer, {args.num_requests} requests, H=9 K=3 D=64 "
+                f"S=16 fp32; shared_n: an n-token shared prefix + {args.private_len} own tokens "
+                f"each; distinct_n: same lengths, nothing shared; microseconds per call")
+    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{BENCH}.png")
+    if chart.lower() == "none":
+        chart = None
+    if chart is not None:
+        title = (f"kvwise bench attention: {args.num_requests} decode requests, one layer\n"
+                 f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
+        report.write_chart(chart, BENCH, results, title, ylabel="microseconds per call (median)")
+    md = args.output_md
+    if md and md.lower() != "none":
+        chart_ref = None
+        if chart is not None:
+            chart_ref = os.path.relpath(os.path.abspath(chart),
+                                        os.path.dirname(os.path.abspath(md)))
+        command = getattr(args, "command_line", None) or report.command_line()
+        section = report.markdown_section(BENCH, results, command=command, workload=workload,
+                                          threads=threads, chart_ref=chart_ref, notes=notes)
+        report.update_markdown(md, BENCH, section)
