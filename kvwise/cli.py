@@ -133,14 +133,31 @@ def _stream_reply(llm: Any, history: list[dict[str, str]], params: SamplingParam
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from kvwise.eval.perplexity import perplexity
+    from kvwise.eval.datasets import load_text
+    from kvwise.eval.perplexity import perplexity, token_chunks
 
+    if (args.text_file is None) == (args.dataset is None):
+        raise KvwiseError("eval ppl: give exactly one of --text-file FILE or --dataset NAME")
+    if args.text_file is not None:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = load_text(args.dataset)
     llm = _make_llm(args)
-    with open(args.text_file, encoding="utf-8") as f:
-        text = f.read()
+    t0 = time.perf_counter()
     result = perplexity(llm.engine, text, args.context_len, args.num_chunks)
+    dt = time.perf_counter() - t0
     for i, nll in enumerate(result.chunk_nlls):
         print(f"chunk={i} tokens={args.context_len} nll={nll:.6f}")
+    print(f"[{result.num_tokens} tokens in {dt:.1f}s, {result.num_tokens / dt:.0f} tok/s]",
+          file=sys.stderr)
+    if args.compare_hf:
+        from kvwise.eval.parity import hf_perplexity, load_hf_reference
+
+        ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+        hf = load_hf_reference(llm.engine.model_source)
+        hf_ppl, _ = hf_perplexity(hf, token_chunks(ids, args.context_len, args.num_chunks))
+        print(f"hf_ppl={hf_ppl:.6f} rel_diff={result.ppl / hf_ppl - 1:+.6%}")
     print(f"ppl={result.ppl:.6f}")
     return 0
 
@@ -168,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluation")
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("ppl", help="perplexity of a text file through the engine's cache path")
-    e.add_argument("--text-file", required=True)
+    e.add_argument("--text-file", help="a UTF-8 text file")
+    e.add_argument("--dataset", help="built-in text: pydoc-topics | bible-kjv")
+    e.add_argument("--compare-hf", action="store_true",
+                   help="also compute HF transformers perplexity on the same chunks")
     e.add_argument("--context-len", type=int, default=1024)
     e.add_argument("--num-chunks", type=int, default=8)
     add_engine_args(e)

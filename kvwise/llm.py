@@ -94,6 +94,22 @@ class LLM:
                 self.engine.abort_request(pending)
         return [done[i] for i in ids]
 
+    def pin_prefix(self, prompt: Prompt) -> int:
+        """Keep the KV of `prompt`'s full blocks cached, never evicted, until `unpin_prefix`;
+        return the tokens pinned (a tail shorter than a block is not). A prefix not yet cached
+        is computed first by a 1-token greedy generation. Pins nest. Give token ids to pin
+        exactly what later prompts start with (text tokenized alone may differ at its end)."""
+        pinned = self.engine.pin_prefix(prompt, only_if_cached=True)
+        if pinned is None:
+            self.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0),
+                          use_tqdm=False)
+            pinned = self.engine.pin_prefix(prompt)
+        return pinned
+
+    def unpin_prefix(self, prompt: Prompt) -> int:
+        """Undo one `pin_prefix(prompt)`; return the tokens unpinned (evictable again)."""
+        return self.engine.unpin_prefix(prompt)
+
 
 def _as_prompt_list(prompts: Union[Prompt, Sequence[Prompt]]) -> list[Prompt]:
     if isinstance(prompts, str):

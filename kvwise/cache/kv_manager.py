@@ -94,6 +94,13 @@ class KVManager:
         """Tokens a new request with this prompt would get from the cache (read-only)."""
         return len(self._match(token_ids, cache_salt)) * self.block_size
 
+    def cached_prefix_tokens(self, token_ids: Sequence[int], cache_salt: Optional[str] = None
+                             ) -> int:
+        """Tokens of the longest cached run of this prefix's full chunks (read-only; unlike
+        `match_prefix`, the last chunk counts even when it ends the prompt)."""
+        return len(self._cached_path(token_ids, cache_salt, len(token_ids) // self.block_size)
+                   ) * self.block_size
+
     def prefix_in_flight(self, token_ids: Sequence[int], cache_salt: Optional[str] = None
                          ) -> bool:
         """Whether the first chunk a new request with this prompt would compute (just past its

@@ -55,7 +55,8 @@ class LLMEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available", "device")
         dtype = _DTYPES[config.dtype]
-        self.model, self.tokenizer, self.model_config = build_model(config, dtype, self.device)
+        self.model, self.tokenizer, self.model_config, self.model_source = build_model(
+            config, dtype, self.device)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
@@ -162,6 +163,35 @@ class LLMEngine:
 
     def num_unfinished_requests(self) -> int:
         return len(self.groups)
+
+    # -- prefix cache -----------------------------------------------------------------------
+    def pin_prefix(self, prompt: Union[str, list[int]], *, cache_salt: Optional[str] = None,
+                   only_if_cached: bool = False) -> Optional[int]:
+        """Pin the cached full chunks of `prompt` so they are never evicted; return the tokens
+        pinned (whole blocks). Pins nest.
+
+        With `only_if_cached`, pin nothing and return None unless every full chunk is cached:
+        the caller then computes the prefix (e.g. a 1-token request) and calls again.
+        """
+        ids = self._prefix_ids(prompt)
+        kv = self.kv_manager
+        if only_if_cached:
+            full = len(ids) // kv.block_size * kv.block_size
+            if kv.cached_prefix_tokens(ids, cache_salt) < full:
+                return None
+        return kv.pin_prefix(ids, cache_salt)
+
+    def unpin_prefix(self, prompt: Union[str, list[int]], *,
+                     cache_salt: Optional[str] = None) -> int:
+        """Undo one `pin_prefix` of `prompt`; return the tokens unpinned."""
+        return self.kv_manager.unpin_prefix(self._prefix_ids(prompt), cache_salt)
+
+    def _prefix_ids(self, prompt: Union[str, list[int]]) -> list[int]:
+        if not self.config.enable_prefix_caching:
+            raise InvalidRequestError(
+                "prompt: prefix caching is off (--no-enable-prefix-caching); nothing to pin",
+                "prompt")
+        return self._tokenize_prompt(prompt)[1]
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -17,7 +17,7 @@ from kvwise.model.tokenizer import Tokenizer
 
 
 def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
-                ) -> tuple[LlamaModel, Tokenizer, ModelConfig]:
+                ) -> tuple[LlamaModel, Tokenizer, ModelConfig, str]:
     loaded = load_model(config.model, dtype=dtype, tokenizer=config.tokenizer)
     mc = loaded.config
     max_positions = max(config.max_model_len or 0, mc.max_position_embeddings)
@@ -27,4 +27,4 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
     model.load_hf_weights(loaded.weights)
     model.build_rope()
     model.eval()
-    return model, loaded.tokenizer, mc
+    return model, loaded.tokenizer, mc, loaded.source

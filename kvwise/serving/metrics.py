@@ -9,7 +9,8 @@ Series (label `model_name` on all):
   e2e_request_latency_seconds, request_queue_time_seconds, request_prompt_tokens,
   request_generation_tokens
 - gauges (engine snapshot): num_requests_running, num_requests_waiting, kv_cache_usage_perc,
-  num_blocks_used, num_blocks_total
+  num_blocks_used, num_blocks_total, prefix_cache_shared_blocks, prefix_cache_private_blocks,
+  prefix_cache_cached_blocks, prefix_cache_pinned_blocks
 - counters (engine snapshot): prompt_tokens_total, generation_tokens_total,
   num_preemptions_total, prefix_cache_queries_total, prefix_cache_hits_total
 - counters (front end): request_success_total{finished_reason}, request_rejected_total{reason}
@@ -44,7 +45,15 @@ class _EngineStatsCollector(Collector):
                ("num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
                ("kv_cache_usage_perc", "kv_usage", "Fraction of KV blocks in use (0..1)."),
                ("num_blocks_used", "num_blocks_used", "KV blocks referenced by requests."),
-               ("num_blocks_total", "num_blocks_total", "KV blocks in the pool."))
+               ("num_blocks_total", "num_blocks_total", "KV blocks in the pool."),
+               ("prefix_cache_shared_blocks", "shared_blocks",
+                "KV blocks held by more than one running request (shared prefix chunks)."),
+               ("prefix_cache_private_blocks", "private_blocks",
+                "KV blocks held by exactly one running request."),
+               ("prefix_cache_cached_blocks", "num_blocks_cached",
+                "Unreferenced prefix chunks kept cached (evictable)."),
+               ("prefix_cache_pinned_blocks", "num_blocks_pinned",
+                "Unreferenced prefix chunks kept by pin_prefix."))
     _COUNTERS = (("prompt_tokens", "prompt_tokens_total", "Prefill tokens processed."),
                  ("generation_tokens", "generation_tokens_total", "Tokens generated."),
                  ("num_preemptions", "num_preemptions", "Preemptions by recompute."),

@@ -5,7 +5,8 @@ Owns: routes, the API-key guard, the mapping of every failure to the OpenAI erro
 clients that leave (their requests are aborted and their KV blocks freed).
 
 Routes: GET /health, GET /metrics (unguarded); GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET /v1/kvwise/stats.
+POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET /v1/kvwise/stats,
+POST /v1/kvwise/pin_prefix, POST /v1/kvwise/unpin_prefix.
 
 Invariants:
 - Bad input is a 4xx in the envelope, never a 500: FastAPI's 422 becomes 400, engine validation
@@ -45,6 +46,7 @@ from kvwise.engine.async_engine import (
 )
 from kvwise.errors import InvalidRequestError, KvwiseError, OutOfBlocksError
 from kvwise.outputs import CompletionOutput, RequestOutput
+from kvwise.sampling_params import SamplingParams
 from kvwise.serving import protocol as P
 from kvwise.serving.metrics import CONTENT_TYPE, RequestTracker, ServingMetrics
 
@@ -361,6 +363,31 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.get("/v1/kvwise/stats", responses=_ERRORS)
     async def kvwise_stats() -> dict[str, Any]:
         return await engine.call(lambda e: dict(e.stats()))
+
+    @app.post("/v1/kvwise/pin_prefix", response_model=P.PrefixResponse, responses=_ERRORS)
+    async def pin_prefix(body: P.PrefixRequest) -> P.PrefixResponse:
+        """Pin the prompt's full blocks in the prefix cache; a prefix not cached yet is first
+        computed by a 1-token greedy request. Under memory pressure its chunks may be evicted
+        between that request and the pin: `num_tokens` says what was pinned."""
+        server.model_name(body.model)
+        prompt = body.prompt
+        pinned = await engine.call(lambda e: e.pin_prefix(prompt, only_if_cached=True))
+        if pinned is None:
+            params = SamplingParams(max_tokens=1, temperature=0.0)
+            (stream,) = await server.add([NewRequest(f"pin-{uuid.uuid4().hex}", prompt, params)])
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                stream.close()
+            pinned = await engine.call(lambda e: e.pin_prefix(prompt))
+        return P.PrefixResponse(num_tokens=pinned)
+
+    @app.post("/v1/kvwise/unpin_prefix", response_model=P.PrefixResponse, responses=_ERRORS)
+    async def unpin_prefix(body: P.PrefixRequest) -> P.PrefixResponse:
+        server.model_name(body.model)
+        prompt = body.prompt
+        return P.PrefixResponse(num_tokens=await engine.call(lambda e: e.unpin_prefix(prompt)))
 
     @app.post("/v1/completions", response_model=P.CompletionResponse, responses=_STREAMING)
     async def completions(body: P.CompletionRequest, request: Request) -> Any:

@@ -191,6 +191,13 @@ class DetokenizeRequest(_Model):
     tokens: list[TokenId]
 
 
+class PrefixRequest(_Model):
+    """Body of POST /v1/kvwise/pin_prefix and /v1/kvwise/unpin_prefix."""
+
+    model: Optional[str] = None
+    prompt: Union[list[TokenId], str]
+
+
 # -- responses ---------------------------------------------------------------------------------
 class ErrorInfo(BaseModel):
     message: str
@@ -313,6 +320,10 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class PrefixResponse(BaseModel):
+    num_tokens: int  # tokens pinned / unpinned: the prompt's cached full blocks
 
 
 # -- builders ----------------------------------------------------------------------------------

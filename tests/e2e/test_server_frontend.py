@@ -89,6 +89,7 @@ class FakeEngine:
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.thread_ids: set[int] = set()
         self.num_polls = 0
+        self.computed: set[tuple[int, ...]] = set()  # prompts of every request added
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
                     *, arrival_time: Optional[float] = None) -> None:
@@ -107,6 +108,7 @@ class FakeEngine:
                 f"max_model_len={self.max_model_len}", "max_tokens")
         seqs = [_Seq(request_id, i, ids, params, random.Random((params.seed or 0) * 131 + i))
                 for i in range(params.n)]
+        self.computed.add(tuple(ids))
         text = prompt if isinstance(prompt, str) else None
         self.groups[request_id] = (seqs, RequestMetrics(arrival_time or time.monotonic()), text)
         self.waiting.extend(seqs)
@@ -182,6 +184,20 @@ class FakeEngine:
                                  list(s.logprobs) if s.params.logprobs is not None else None)
                 for s in seqs], finished, m))
         return outputs
+
+    def pin_prefix(self, prompt: Union[str, list[int]], *, cache_salt: Optional[str] = None,
+                   only_if_cached: bool = False) -> Optional[int]:
+        """A prompt counts as cached once a request with it was added (then its blocks pin)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids or any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+            raise InvalidRequestError("prompt: empty or outside the vocabulary", "prompt")
+        if only_if_cached and tuple(ids) not in self.computed:
+            return None
+        return len(ids) // self.block_size * self.block_size
+
+    def unpin_prefix(self, prompt: Union[str, list[int]], *,
+                     cache_salt: Optional[str] = None) -> int:
+        return self.pin_prefix(prompt) or 0
 
     def stats(self) -> dict[str, Any]:
         used = sum(math.ceil((len(s.prompt) + len(s.out)) / self.block_size)
