@@ -127,7 +127,8 @@ def _stream_reply(llm: Any, history: list[dict[str, str]], params: SamplingParam
         printed = len(text)
     t1 = time.perf_counter()
     decode_rate = (n - 1) / (t1 - first) if first is not None and n > 1 and t1 > first else 0.0
-    print(f"\n[{n} tokens, {n / (t1 - t0):.1f} tok/s overall, {decode_rate:.1f} tok/s decode, "
+    print()
+    print(f"[{n} tokens, {n / (t1 - t0):.1f} tok/s overall, {decode_rate:.1f} tok/s decode, "
           f"time to first token {((first or t1) - t0) * 1000:.0f} ms]", file=sys.stderr)
     return text
 

@@ -1,0 +1,52 @@
+"""The CLI as a user runs it: generate --json, chat over stdin, eval ppl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from kvwise import SamplingParams
+
+ENGINE = ["--threads", "2", "--max-model-len", "512", "--kv-cache-memory", "128MiB"]
+
+
+def kvwise(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvwise.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_equals_offline_api(llm, tmp_path):
+    prompts = ["The capital of France is", "def add(a, b):", "Water boils at"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts[1:]) + "\n")
+    proc = kvwise("generate", "--prompt", prompts[0], "--prompts-file", str(f), "--json",
+                  "--max-tokens", "12", *ENGINE)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt_index"] for r in rows] == [0, 1, 2]
+    ref = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    for row, out in zip(rows, ref):
+        assert row["token_ids"] == out.outputs[0].token_ids
+        assert row["text"] == out.outputs[0].text
+        assert row["finish_reason"] == out.outputs[0].finish_reason
+    assert "tok/s" in proc.stderr
+
+
+def test_chat_reads_turns_from_stdin():
+    proc = kvwise("chat", "--max-tokens", "8", *ENGINE, stdin="Hello!\nWhat is 2+2?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2
+    assert proc.stderr.count("tok/s decode") == 2
+
+
+def test_eval_ppl_last_line(tmp_path):
+    from tests.conftest import pydoc_text
+
+    f = tmp_path / "text.txt"
+    f.write_text(pydoc_text()[:20000])
+    proc = kvwise("eval", "ppl", "--text-file", str(f), "--context-len", "128",
+                  "--num-chunks", "2", *ENGINE)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("ppl=") and 1.0 < float(last[4:]) < 100.0
