@@ -1,4 +1,4 @@
-"""ChunkAttention's two-phase partition (TPP) decode backend (Ye et al., ACL 2024, arXiv 2402.15220).
+"""ChunkAttention's two-phase partition (TPP) decode (Ye et al., ACL 2024, arXiv 2402.15220).
 
 A step's decode queries are split by the blocks they read:
 1. chunk-first: every block held by more than one decode request (a shared prefix-tree chunk) is
@@ -108,7 +108,7 @@ def two_phase_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, h, d = q.shape
     kh = k_cache.shape[1]
     assert h % kh == 0, (h, kh)
-    qg = q.view(b, kh, h // kh, d)  # [B, K, G, D]: query head h reads KV head h // G
+    qg = q.reshape(b, kh, h // kh, d)  # [B, K, G, D]: query head h reads KV head h // G
     k = gather_blocks(k_cache, plan.private_block_ids, block_size)  # [B*nbp*S, K, D]
     v = gather_blocks(v_cache, plan.private_block_ids, block_size)
     k = k.view(b, -1, kh, d).transpose(1, 2)  # [B, K, nbp*S, D]

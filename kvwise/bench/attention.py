@@ -47,7 +47,8 @@ def _ints(value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {value!r}") from None
     if not out or min(out) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {value!r}")
     return out
@@ -143,30 +144,38 @@ def measure_case(case: Case, backends: list[str], k_cache: torch.Tensor, v_cache
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(len(case.tables), NUM_HEADS, HEAD_DIM, generator=gen).to(device)  # [B, H, D]
     scale = HEAD_DIM ** -0.5
-    notes, results, expect = [], [], None
+    meta = decode_metadata(case.tables, case.ctx_lens, device)
+    expect = get_backend("reference").forward(q, k_cache, v_cache, meta, scale)
+    notes, results = [], []
     for name in backends:
-        backend = get_backend(name)
-        meta = decode_metadata(case.tables, case.ctx_lens, device)
-        prepare = getattr(backend, "prepare", None)
-        if prepare is not None:
-            build_us = _median_us(lambda: type(backend)().prepare(meta), 3, 1)
-            meta.backend_data = prepare(meta)
-            step_us = _median_us(lambda: prepare(meta), 5, 1)  # same batch: structure reused
-            notes.append(f"{case.name}: {name} prepare {statistics.median(build_us):.0f} us "
-                         f"when the batch changes, {statistics.median(step_us):.0f} us per "
-                         f"later step (once per step for all layers)")
-        out = backend.forward(q, k_cache, v_cache, meta, scale)
-        if expect is None:
-            ref = get_backend("reference")
-            expect = ref.forward(q, k_cache, v_cache, decode_metadata(
-                case.tables, case.ctx_lens, device), scale)
-        err = (out - expect).abs().max().item()
-        if name != "reference":
-            notes.append(f"{case.name}: {name} max abs error vs reference {err:.1e}")
-        values = _median_us(lambda: backend.forward(q, k_cache, v_cache, meta, scale),
-                            runs, warmup)
+        values, out, prepare_note = _time_backend(name, case, q, k_cache, v_cache, runs, warmup)
         results.append(report.Result(BENCH, name, f"{case.name}_us", tuple(values)))
+        if prepare_note:
+            notes.append(prepare_note)
+        if name != "reference":
+            err = (out - expect).abs().max().item()
+            notes.append(f"{case.name}: {name} max abs error vs reference {err:.1e}")
     return results, notes
+
+
+def _time_backend(name: str, case: Case, q: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, runs: int, warmup: int
+                  ) -> tuple[list[float], torch.Tensor, Optional[str]]:
+    """-> (microseconds per forward call, the output, a note on the prepare hook's cost)."""
+    scale = HEAD_DIM ** -0.5
+    backend = get_backend(name)
+    meta = decode_metadata(case.tables, case.ctx_lens, k_cache.device)
+    note = None
+    if getattr(backend, "prepare", None) is not None:
+        build = _median_us(lambda: get_backend(name).prepare(meta), 3, 1)  # fresh: full build
+        meta.backend_data = backend.prepare(meta)
+        step = _median_us(lambda: backend.prepare(meta), 5, 1)  # same batch: structure reused
+        note = (f"{case.name}: {name} prepare {statistics.median(build):.0f} us when the batch "
+                f"changes, {statistics.median(step):.0f} us on later steps (once per step, "
+                f"for all layers)")
+    out = backend.forward(q, k_cache, v_cache, meta, scale)
+    values = _median_us(lambda: backend.forward(q, k_cache, v_cache, meta, scale), runs, warmup)
+    return values, out, note
 
 
 def speedup_lines(results: list[report.Result], fast: str, slow: str) -> list[str]:
@@ -226,7 +235,8 @@ def _publish(args: argparse.Namespace, results: list[report.Result], threads: in
     if chart is not None:
         title = (f"kvwise bench attention: {args.num_requests} decode requests, one layer\n"
                  f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
-        report.write_chart(chart, BENCH, results, title, ylabel="microseconds per call (median)")
+        report.write_chart(chart, BENCH, results, title, log_scale=True,
+                           ylabel="microseconds per call (median, log scale)")
     md = args.output_md
     if md and md.lower() != "none":
         chart_ref = None

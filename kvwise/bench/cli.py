@@ -24,6 +24,7 @@ from kvwise.bench import report
 from kvwise.bench.attention import add_attention_bench_parser
 from kvwise.bench.latency import measure_latency
 from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable
+from kvwise.bench.prefix import add_prefix_bench_parser
 from kvwise.bench.serving import add_serving_bench_parser
 from kvwise.bench.throughput import measure_throughput
 from kvwise.bench.workloads import (
@@ -90,7 +91,7 @@ def _add_throughput(kinds: Any) -> None:
 
 # Each adds one `kvwise bench <kind>` sub-subcommand that sets func=; extend here (e.g. serve).
 BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput, add_serving_bench_parser,
-                                             add_attention_bench_parser]
+                                             add_attention_bench_parser, add_prefix_bench_parser]
 
 
 def add_bench_parser(subparsers: Any) -> None:

@@ -187,7 +187,7 @@ def update_markdown(path: str, bench: str, section: str) -> None:
 
 
 def write_chart(path: str, bench: str, results: list[Result], title: str,
-                ylabel: str = "tokens / second (median)") -> None:
+                ylabel: str = "tokens / second (median)", log_scale: bool = False) -> None:
     """Grouped bars: one group per metric, one bar per engine (median, whiskers min-max)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -215,6 +215,8 @@ def write_chart(path: str, bench: str, results: list[Result], title: str,
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(range(len(metrics)), [m.replace("_tok_s", " tok/s") for m in metrics])
     ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -282,6 +282,10 @@ class KVManager:
                 self.tree.push_evictable(node.block_id)
         return len(pinned) * self.block_size
 
+    def reset_peak(self) -> None:
+        """Restart `peak_blocks_used` from the blocks used now (a benchmark measures one run)."""
+        self.peak_blocks_used = self.pool.num_used_blocks
+
     def reset_prefix_cache(self) -> bool:
         """Drop every evictable chunk to the free queue; refuse (False) while any block is used.
 

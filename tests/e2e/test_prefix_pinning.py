@@ -16,7 +16,7 @@ from tests.e2e.test_server_frontend import InProcessServer
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2-135m", threads=2, max_model_len=256, num_blocks=24)
+    return LLM("smollm2-135m", threads=1, max_model_len=256, num_blocks=24)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_llm_pin_computes_then_pins_and_survives_eviction(llm: LLM, prefix: list
 
 
 def test_pin_needs_prefix_caching() -> None:
-    llm = LLM("smollm2-135m", threads=2, max_model_len=64, num_blocks=8,
+    llm = LLM("smollm2-135m", threads=1, max_model_len=64, num_blocks=8,
               enable_prefix_caching=False)
     with pytest.raises(InvalidRequestError):
         llm.pin_prefix([1, 2, 3])

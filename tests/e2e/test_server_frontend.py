@@ -129,7 +129,7 @@ class FakeEngine:
 
     def _next_token(self, s: _Seq) -> int:
         if s.params.temperature == 0.0:
-            last = chr((s.out or s.prompt)[-1] - 3)
+            last = chr(max((s.out or s.prompt)[-1] - 3, 0))  # ids 0-2 are special
             pos = ALPHABET.find(last)
             return ord(ALPHABET[(pos + 1) % len(ALPHABET)]) + 3
         return ord(s.rng.choice(ALPHABET)) + 3

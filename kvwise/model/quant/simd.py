@@ -1,0 +1,169 @@
+"""Explicit SIMD for numba kernels: a 16-lane float32 vector type and the few operations the
+quantized matmul kernels need, written as LLVM vector IR through `numba.extending.intrinsic`.
+
+Why not rely on auto-vectorization: LLVM fully unrolls the 16-byte inner loop of a 32-weight
+int4 sub-block and the SLP vectorizer then gives up (scalar `vcvtsi2ss` per weight, ~2 G weights/s),
+or it vectorizes the wrong loop with gathers. A vector *value* type keeps accumulators in registers
+and lets each kernel say exactly which 16 lanes it loads. LLVM lowers `<16 x float>` to one zmm
+register (AVX-512), two ymm (AVX2) or four xmm (SSE/NEON), so the kernels stay portable.
+
+Invariants:
+- Every load/store touches `VEC` consecutive elements starting at a flat element offset that the
+  caller has bounds-checked (these intrinsics do no checking: they are raw pointer arithmetic).
+- Arrays passed in are 1-D and C-contiguous; int4 loads read 16 bytes = 32 nibbles (one sub-block).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+VEC = 16  # lanes of the vector type
+_F32 = ir.FloatType()
+_V16F = ir.VectorType(_F32, VEC)
+_V16I8 = ir.VectorType(ir.IntType(8), VEC)
+
+
+class F32x16Type(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16Type()
+
+
+@register_model(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:  # noqa: ANN001 (numba's signature)
+        super().__init__(dmm, fe_type, _V16F)
+
+
+def _ptr(context, builder, arr_type, arr, offset, elem_ir):  # noqa: ANN001, ANN202
+    """Pointer to element `offset` of 1-D array `arr`, cast to `elem_ir`*."""
+    ary = context.make_array(arr_type)(context, builder, arr)
+    p = builder.gep(ary.data, [offset])
+    return builder.bitcast(p, elem_ir.as_pointer())
+
+
+def _splat(builder, value):  # noqa: ANN001, ANN202
+    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), VEC), [0] * VEC))
+
+
+def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
+    fnty = ir.FunctionType(_V16F, [_V16F, _V16F, _V16F])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+@intrinsic
+def vzero(typingctx):  # noqa: ANN001, ANN201
+    """-> f32x16 of zeros."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return ir.Constant(_V16F, [0.0] * VEC)
+    return f32x16(), codegen
+
+
+@intrinsic
+def vsplat(typingctx, value):  # noqa: ANN001, ANN201
+    """float32 -> f32x16 with every lane = value."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return _splat(builder, v)
+    return f32x16(value), codegen
+
+
+@intrinsic
+def vload(typingctx, arr, offset):  # noqa: ANN001, ANN201
+    """float32 arr[offset : offset + 16] -> f32x16."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = _ptr(context, builder, sig.args[0], args[0], off, _V16F)
+        return builder.load(p, align=4)
+    return f32x16(arr, offset), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, offset, vec):  # noqa: ANN001, ANN201
+    """arr[offset : offset + 16] = vec (float32 arr)."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = _ptr(context, builder, sig.args[0], args[0], off, _V16F)
+        builder.store(args[2], p, align=4)
+        return context.get_dummy_value()
+    return types.void(arr, offset, vec), codegen
+
+
+@intrinsic
+def vload_i8(typingctx, arr, offset):  # noqa: ANN001, ANN201
+    """int8 arr[offset : offset + 16] -> f32x16 (exact conversion)."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = _ptr(context, builder, sig.args[0], args[0], off, _V16I8)
+        return builder.sitofp(builder.load(p, align=1), _V16F)
+    return f32x16(arr, offset), codegen
+
+
+def _nibbles(high: bool):  # noqa: ANN202
+    def gen(typingctx, arr, offset):  # noqa: ANN001, ANN202
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            off = context.cast(builder, args[1], sig.args[1], types.intp)
+            p = _ptr(context, builder, sig.args[0], args[0], off, _V16I8)
+            b = builder.load(p, align=1)
+            if high:
+                b = builder.lshr(b, ir.Constant(_V16I8, [4] * VEC))
+            else:
+                b = builder.and_(b, ir.Constant(_V16I8, [15] * VEC))
+            return builder.uitofp(b, _V16F)
+        return f32x16(arr, offset), codegen
+    return gen
+
+
+# uint8 arr[offset : offset + 16] -> f32x16 of the low / high nibbles (values 0..15)
+vload_lo4 = intrinsic(_nibbles(high=False))
+vload_hi4 = intrinsic(_nibbles(high=True))
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):  # noqa: ANN001, ANN201
+    """a * b + c, lane-wise, fused."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return _fma(builder, *args)
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # noqa: ANN001, ANN201
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fadd(args[0], args[1])
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):  # noqa: ANN001, ANN201
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fmul(args[0], args[1])
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vsum(typingctx, a):  # noqa: ANN001, ANN201
+    """Sum of the 16 lanes (pairwise tree: 8+8, 4+4, 2+2, 1+1) -> float32."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        v = args[0]
+        width = VEC
+        while width > 1:
+            half = width // 2
+            mask = ir.VectorType(ir.IntType(32), half)
+            lo = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(mask, list(range(half, width))))
+            v = builder.fadd(lo, hi)
+            width = half
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+    return types.float32(a), codegen
+
+
+__all__ = ["VEC", "f32x16", "vadd", "vfma", "vload", "vload_hi4", "vload_i8", "vload_lo4", "vmul",
+           "vsplat", "vstore", "vsum", "vzero"]
