@@ -35,6 +35,7 @@ def parse_bytes(value: Union[int, str]) -> int:
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+WEIGHT_DTYPES = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     attention_backend: str = "paged"
+    weight_dtype: str = "fp32"  # projections + LM head: fp32 | int8 | int4 (weight-only quant)
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -79,6 +81,8 @@ class EngineConfig:
             raise bad("device", f"must be one of {DEVICES} (optionally cuda:N), got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise bad("threads", f"must be >= 1, got {self.threads}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise bad("weight_dtype", f"must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -110,6 +114,7 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("enable_chunked_prefill", bool, "split long prompts across steps"),
     ("enable_prefix_caching", bool, "reuse KV of shared prompt prefixes"),
     ("attention_backend", str, "attention implementation: paged | reference | two_phase"),
+    ("weight_dtype", str, "projection/LM-head weight storage: fp32 | int8 | int4 (quantized)"),
 ]
 
 

@@ -165,6 +165,8 @@ def _setup(args: argparse.Namespace) -> tuple[ServeWorkload, Slo, int, ModelFile
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
+    import httpx
+
     try:
         workload, slo, threads, files = _setup(args)
     except KvwiseError as e:
@@ -182,7 +184,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     for name in args.engines:
         try:
             results = _bench_engine(SERVERS[name], files, threads, workload, slo, args)
-        except ServerUnavailable as e:
+        except (ServerUnavailable, httpx.HTTPError) as e:  # HTTPError: /v1/models at --url
             print(report.skip_line(name, str(e).replace('"', "'")), flush=True)
             continue
         summaries += results

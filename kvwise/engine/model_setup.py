@@ -1,30 +1,99 @@
 """Build the runnable model from an EngineConfig: load weights, fuse, place, build RoPE tables.
 
+With `weight_dtype` int8/int4 the projections and the LM head are built quantized straight from
+the source (GGUF raw blocks where the format allows, else one dequantized tensor at a time), so
+no fp32 copy of the model is made; the embedding table, norms and RoPE stay in `dtype`.
+
 Invariants:
 - The module is created on the meta device and materialised once on the target device, so no
-  random initialisation or second full copy of the weights is made.
+  random initialisation or second full copy of the weights is made (quantized projections are
+  detached before materialising and attached already built).
+- The numba kernels are compiled (or loaded from cache) here, never inside a timed step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Optional
+
 import torch
+from torch import nn
 
 from kvwise.config import EngineConfig
 from kvwise.model.config import ModelConfig
-from kvwise.model.llama import LlamaModel
+from kvwise.model.llama import LlamaModel, projection_bias_names, projection_weight_names
 from kvwise.model.loader import load_model
 from kvwise.model.tokenizer import Tokenizer
+
+_PROJECTIONS = ("qkv", "o_proj", "gate_up", "down")
+_EMBED = "model.embed_tokens.weight"
 
 
 def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
                 ) -> tuple[LlamaModel, Tokenizer, ModelConfig, str]:
-    loaded = load_model(config.model, dtype=dtype, tokenizer=config.tokenizer)
+    quantized = config.weight_dtype != "fp32"
+    loaded = load_model(config.model, dtype=dtype, tokenizer=config.tokenizer, lazy=quantized)
     mc = loaded.config
     max_positions = max(config.max_model_len or 0, mc.max_position_embeddings)
     with torch.device("meta"):
         model = LlamaModel(mc, max_positions)
+    if quantized:
+        for layer in model.layers:
+            for attr in _PROJECTIONS:
+                setattr(layer, attr, None)
+        model.lm_head = None
     model = model.to_empty(device=device).to(dtype)
-    model.load_hf_weights(loaded.weights)
+    if quantized:
+        _load_quantized(model, loaded.weights, config, device)
+    else:
+        model.load_hf_weights(loaded.weights)
     model.build_rope()
     model.eval()
     return model, loaded.tokenizer, mc, loaded.source
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all weights as stored (quantized codes and scales, fp32 embedding and norms)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _load_quantized(model: LlamaModel, weights: Mapping[str, Any], config: EngineConfig,
+                    device: torch.device) -> None:
+    """Fill a model whose projections were detached: dense weights copied, projections and LM
+    head built quantized. Consumes `weights` (a dict or a LazyGGUFWeights)."""
+    from kvwise.model import quant  # numba is imported only when a quantized format is used
+
+    workspace = quant.Workspace(config.threads)
+    raw = getattr(weights, "raw", None)  # GGUF blocks when the source is a lazy GGUF
+
+    def take(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise KeyError(f"missing weight {name}")
+        return weights.pop(name)  # type: ignore[attr-defined]
+
+    def part(name: str) -> Any:
+        return raw(name) if raw is not None else take(name)
+
+    def build(names: list[str], bias: Optional[torch.Tensor] = None) -> nn.Module:
+        layer = quant.make_linear(config.weight_dtype, [part(n) for n in names], bias, workspace)
+        return layer.to(device)
+
+    cfg = model.cfg
+    model.embed.weight.copy_(take(_EMBED))
+    model.norm.copy_(take("model.norm.weight"))
+    if cfg.tie_word_embeddings:
+        head = raw(_EMBED) if raw is not None else model.embed.weight.float().cpu()
+        model.lm_head = quant.make_linear(config.weight_dtype, [head], None, workspace).to(device)
+    else:
+        model.lm_head = build(["lm_head.weight"])
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        layer.input_norm.copy_(take(p + "input_layernorm.weight"))
+        layer.post_norm.copy_(take(p + "post_attention_layernorm.weight"))
+        biases = projection_bias_names(cfg, i)
+        for attr, names in projection_weight_names(i).items():
+            bias = torch.cat([take(n) for n in biases[attr]]) if attr in biases else None
+            setattr(layer, attr, build(names, bias))
+    if device.type == "cpu":
+        quant.warmup()

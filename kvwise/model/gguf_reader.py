@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, TypeVar
 
@@ -435,6 +436,43 @@ class GGUFReaderKV:
     def load_weights(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """All weights by HF name, in `expected_weight_names` order (no lm_head when tied)."""
         return {name: self.tensor(name, dtype) for name in expected_weight_names(self.config)}
+
+    def lazy_weights(self, dtype: torch.dtype = torch.float32) -> LazyGGUFWeights:
+        """The same names as `load_weights`, each dequantized only when taken."""
+        return LazyGGUFWeights(self, dtype)
+
+
+class LazyGGUFWeights(Mapping[str, torch.Tensor]):
+    """HF-named weights of an open GGUF file, dequantized one tensor at a time on access.
+
+    Lets a loader that quantizes (kvwise.model.quant) read raw blocks with `raw(name)` and never
+    hold an fp32 copy of the whole model. `pop` returns the tensor and forgets the name.
+    """
+
+    def __init__(self, reader: GGUFReaderKV, dtype: torch.dtype) -> None:
+        self.reader = reader
+        self.dtype = dtype
+        self._names = dict.fromkeys(expected_weight_names(reader.config))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.reader.tensor(name, self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def pop(self, name: str) -> torch.Tensor:
+        tensor = self[name]
+        del self._names[name]
+        return tensor
+
+    def raw(self, name: str) -> RawTensor:
+        """Stored blocks of `name` (Q/K rows un-permuted), see GGUFReaderKV.raw_tensor."""
+        return self.reader.raw_tensor(name)
 
 
 def check_rope_scaling(scaling: Optional[dict[str, Any]], source: str) -> Optional[dict]:

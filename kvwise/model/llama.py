@@ -100,16 +100,28 @@ class LlamaModel(nn.Module):
             self.lm_head.load(take("lm_head.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            a = p + "self_attn."
             layer.input_norm.copy_(take(p + "input_layernorm.weight"))
             layer.post_norm.copy_(take(p + "post_attention_layernorm.weight"))
-            qkv_b = None
-            if self.cfg.attention_bias:
-                qkv_b = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
-                                   take(a + "v_proj.bias")])
-            layer.qkv.load(torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                      take(a + "v_proj.weight")]), qkv_b)
-            layer.o_proj.load(take(a + "o_proj.weight"))
-            layer.gate_up.load(torch.cat([take(p + "mlp.gate_proj.weight"),
-                                          take(p + "mlp.up_proj.weight")]))
-            layer.down.load(take(p + "mlp.down_proj.weight"))
+            for attr, names in projection_weight_names(i).items():
+                bias_names = projection_bias_names(self.cfg, i).get(attr)
+                bias = torch.cat([take(n) for n in bias_names]) if bias_names else None
+                getattr(layer, attr).load(torch.cat([take(n) for n in names]), bias)
+
+
+def projection_weight_names(layer: int) -> dict[str, list[str]]:
+    """HF weights fused (concatenated along rows, in this order) into each projection of a layer."""
+    p = f"model.layers.{layer}."
+    a = p + "self_attn."
+    return {
+        "qkv": [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+        "o_proj": [a + "o_proj.weight"],
+        "gate_up": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+        "down": [p + "mlp.down_proj.weight"],
+    }
+
+
+def projection_bias_names(cfg: ModelConfig, layer: int) -> dict[str, list[str]]:
+    """HF biases of the projections that have one (Qwen2: q/k/v)."""
+    if not cfg.attention_bias:
+        return {}
+    return {"qkv": [n.replace(".weight", ".bias") for n in projection_weight_names(layer)["qkv"]]}

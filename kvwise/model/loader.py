@@ -10,7 +10,9 @@
 
 Invariants:
 - `LoadedModel.weights` uses HF Llama names, holds exactly `expected_weight_names(config)`, and
-  every tensor is contiguous and in the requested dtype.
+  every tensor is contiguous and in the requested dtype. With `lazy=True` a GGUF source gives a
+  `LazyGGUFWeights` mapping instead of a dict (same names, dequantized on access, raw blocks via
+  `.raw(name)`), so a quantizing loader never holds an fp32 copy of the model.
 - `LoadedModel.config.eos_token_ids == LoadedModel.tokenizer.eos_token_ids`.
 - Errors: an unresolvable name, missing path or unreachable hub repo raises ModelNotFoundError;
   a file that exists but is corrupt, truncated, unsupported or lacks tensors raises
@@ -24,6 +26,7 @@ import glob
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,21 +48,24 @@ _HF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names, contiguous, in the requested dtype
+    weights: Mapping[str, torch.Tensor]  # HF names, contiguous, in the requested dtype
     tokenizer: Tokenizer
     source: str  # resolved file or directory path
 
 
 def load_model(model: str = registry.DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               tokenizer: Optional[str] = None) -> LoadedModel:
-    """Load config, weights and tokenizer; `tokenizer` optionally names another source for it."""
+               tokenizer: Optional[str] = None, lazy: bool = False) -> LoadedModel:
+    """Load config, weights and tokenizer; `tokenizer` optionally names another source for it;
+    `lazy` keeps a GGUF's tensors in the file until taken (HF directories always load)."""
     if dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)",
                           param="dtype")
     source = resolve_model_path(model)
     if _is_gguf(source):
         reader = GGUFReaderKV(source)
-        config, weights = reader.config, reader.load_weights(dtype)
+        config = reader.config
+        weights: Mapping[str, torch.Tensor] = (reader.lazy_weights(dtype) if lazy
+                                               else reader.load_weights(dtype))
         tok = Tokenizer.from_gguf_metadata(reader.metadata, source=source)
     else:
         config = load_hf_config(source)

@@ -10,7 +10,8 @@ register (AVX-512), two ymm (AVX2) or four xmm (SSE/NEON), so the kernels stay p
 Invariants:
 - Every load/store touches `VEC` consecutive elements starting at a flat element offset that the
   caller has bounds-checked (these intrinsics do no checking: they are raw pointer arithmetic).
-- Arrays passed in are 1-D and C-contiguous; int4 loads read 16 bytes = 32 nibbles (one sub-block).
+- Arrays passed in are C-contiguous (any rank: offsets are flat element offsets); an int4 load
+  reads 16 bytes = 32 nibbles (one sub-block).
 """
 
 from __future__ import annotations
@@ -127,6 +128,16 @@ vload_hi4 = intrinsic(_nibbles(high=True))
 
 
 @intrinsic
+def load_f16(typingctx, arr, offset):  # noqa: ANN001, ANN201
+    """IEEE half stored as uint16 arr[offset] -> float32 (exact; F16C `vcvtph2ps` on x86)."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], off, ir.HalfType()))
+        return builder.fpext(h, _F32)
+    return types.float32(arr, offset), codegen
+
+
+@intrinsic
 def vfma(typingctx, a, b, c):  # noqa: ANN001, ANN201
     """a * b + c, lane-wise, fused."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
@@ -165,5 +176,5 @@ def vsum(typingctx, a):  # noqa: ANN001, ANN201
     return types.float32(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "vadd", "vfma", "vload", "vload_hi4", "vload_i8", "vload_lo4", "vmul",
+__all__ = ["VEC", "f32x16", "load_f16", "vadd", "vfma", "vload", "vload_hi4", "vload_i8", "vload_lo4", "vmul",
            "vsplat", "vstore", "vsum", "vzero"]

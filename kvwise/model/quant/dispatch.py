@@ -1,0 +1,58 @@
+"""How a quantized projection runs for a given input: fused numba kernel, or dequantize + matmul.
+
+- CPU, T <= SMALL_BATCH_MAX tokens (decode): the fused kernel (kernels.py) reads the packed
+  weights once; single-stream decode is memory-bound, so fewer bytes per weight is the speed-up.
+- CPU, larger T (prefill): compute-bound; fp32 is the fast path on this CPU (torch/MKL sgemm,
+  ~140-190 GFLOP/s on 2 cores), so rows are dequantized chunk by chunk into one reusable fp32
+  scratch buffer (a few MB, stays in cache) and multiplied with torch.mm.
+- Any other device: the PyTorch reference (dequantize, then F.linear). Not verified on a GPU.
+
+Invariants:
+- `Workspace` is the one piece of runtime state the quantized layers of a model share (scratch
+  buffer, kernel thread count); it is created by the model builder and passed in explicitly.
+- Output is fp32 [T, N] on CPU; the caller casts to the activation dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+SMALL_BATCH_MAX = 16  # measured crossover of the fused kernel vs dequantize + sgemm (int4/int8)
+CHUNK_ELEMS = 1 << 20  # fp32 elements of weight dequantized per sgemm call (4 MiB)
+
+
+class Workspace:
+    """Scratch memory and settings shared by all quantized layers of one model (not thread-safe:
+    one engine thread runs the model)."""
+
+    def __init__(self, num_threads: Optional[int] = None) -> None:
+        self.num_threads = num_threads or torch.get_num_threads()
+        self._buf = torch.empty(0)
+
+    def scratch(self, numel: int) -> torch.Tensor:
+        """An fp32 CPU buffer of at least `numel` elements (contents undefined), reused."""
+        if self._buf.numel() < numel:
+            self._buf = torch.empty(numel)
+        return self._buf[:numel]
+
+
+def dequant_matmul(x: torch.Tensor, out_features: int,
+                   dequant_rows: Callable[[int, np.ndarray], None],
+                   bias: Optional[torch.Tensor], workspace: Workspace) -> torch.Tensor:
+    """x fp32 [T, K] @ W.T where `dequant_rows(row0, buf [R, K])` writes rows row0..row0+R-1 of W
+    in fp32 -> [T, N] fp32."""
+    t, k = x.shape
+    n = out_features
+    rows = max(64, CHUNK_ELEMS // k // 64 * 64)
+    out = torch.empty(t, n)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = workspace.scratch((r1 - r0) * k).view(r1 - r0, k)  # [R, K]
+        dequant_rows(r0, w.numpy())
+        torch.mm(x, w.t(), out=out[:, r0:r1])
+    if bias is not None:
+        out += bias
+    return out

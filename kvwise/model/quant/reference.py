@@ -1,0 +1,63 @@
+"""Pure-PyTorch references of the quantized formats: unpack, dequantize, matmul.
+
+These define the formats (kernels.py documents the same layouts) and are the path for every
+device other than CPU: on CUDA a quantized layer dequantizes with these ops and runs F.linear.
+
+Invariants:
+- `dequantize_*` are exact: every code maps to q * scale (+ min) computed in fp32, so a kernel
+  can be compared against them to fp32 rounding of the accumulation only.
+- int4 packing is the GGUF Q4_0/Q4_1 order: per 32-element sub-block, 16 bytes; byte j holds
+  element j in the low nibble and element j + 16 in the high nibble.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SUB_BLOCK = 32  # int4 elements per packed sub-block (16 bytes)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in 0..15 -> packed uint8 [N, K/2] (GGUF sub-block order)."""
+    n, k = codes.shape
+    assert k % SUB_BLOCK == 0, f"K={k} must be a multiple of {SUB_BLOCK}"
+    c = codes.reshape(n, k // SUB_BLOCK, 2, SUB_BLOCK // 2)  # [N, K/32, lo|hi, 16]
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K/2] -> codes uint8 [N, K] in 0..15."""
+    n, half = packed.shape
+    p = packed.reshape(n, half // 16, 16)  # [N, K/32, 16]
+    return torch.cat([p & 0xF, p >> 4], dim=-1).reshape(n, half * 2)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], scale fp32 [N] -> w fp32 [N, K]."""
+    return q.float() * scale.float()[:, None]
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K/2], scale/minv fp16 [N, G] -> w fp32 [N, K] (group size K / G)."""
+    codes = unpack_int4(q).float()  # [N, K]
+    n, k = codes.shape
+    g = scale.shape[1]
+    w = codes.view(n, g, k // g) * scale.float()[:, :, None] + minv.float()[:, :, None]
+    return w.view(n, k)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype."""
+    w = dequantize_int8(q, scale).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype."""
+    w = dequantize_int4(q, scale, minv).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
