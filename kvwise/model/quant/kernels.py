@@ -14,15 +14,17 @@ Kernels (all write `out` [T, N] fp32, x is fp32 [T, K]; `bias` is [N] or empty):
 - `int8_dequant`, `int4_dequant`: rows [row0, row0 + R) into fp32 `out` [R, K], for large T
   where the caller runs torch's fp32 matmul on the scratch (compute-bound, see int8.py).
 
-The int4 GEMV uses sum_k x_k (q s + m) = s * sum_k x_k q + m * sum_k x_k per group, so the minimum
-costs one multiply-add per group, and keeps 16-lane accumulators in registers (simd.py).
+Both paths dequantize w = q * s (+ m) with the same vector ops and accumulate x * w in the same
+order (two 16-lane accumulators over alternate halves of each 32-wide step, then a fixed pairwise
+lane sum; simd.py), so a token's output is bit-identical whether it runs alone (T == 1) or in a
+small batch: greedy decoding stays batch-invariant with quantized weights.
 
 Invariants:
 - Preconditions are checked by `check_*` before a kernel runs (the kernels do raw vector loads):
   K % 32 == 0, contiguous arrays of the documented dtypes and shapes, gs % 32 == 0, K % gs == 0.
-- Accumulation is fp32 in a fixed order per (token, row): results do not depend on T, on the
-  thread count or on which rows share a block, so batch invariance holds within a kernel.
-  (T == 1 and T > 1 use different summation orders; both match the references within 1e-5 rel.)
+- Accumulation is fp32 in a fixed order per (token, row): for T <= SMALL_BATCH_MAX results do not
+  depend on T, on the thread count or on which rows share a task. Large T goes through sgemm
+  (dispatch.py), whose summation order differs (as it does for fp32 DenseLinear).
 """
 
 from __future__ import annotations
@@ -88,13 +90,14 @@ def int8_matmul(x, q, scale, bias, out):  # noqa: ANN001, ANN201
     if t_count == 1:
         for task in prange(num_tasks):
             for o in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+                s = vsplat(scale[o])
                 a0 = vzero()
                 a1 = vzero()
                 base = o * k
                 for i in range(0, k, 32):
-                    a0 = vfma(vload(x, i), vload_i8(q, base + i), a0)
-                    a1 = vfma(vload(x, i + 16), vload_i8(q, base + i + 16), a1)
-                y = vsum(vadd(a0, a1)) * scale[o]
+                    a0 = vfma(vload(x, i), vmul(vload_i8(q, base + i), s), a0)
+                    a1 = vfma(vload(x, i + 16), vmul(vload_i8(q, base + i + 16), s), a1)
+                y = vsum(vadd(a0, a1))
                 out[0, o] = y + bias[o] if has_bias else y
         return
     for task in prange(num_tasks):
@@ -134,60 +137,38 @@ def _int4_gemv(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
     k = x.shape[1]
     n, num_groups = scale.shape
     gs = k // num_groups
-    subs = gs // 32  # sub-blocks per group
     row_bytes = k // 2
     has_bias = bias.shape[0] > 0
-    xsum = np.empty(num_groups, np.float32)  # sum of x over each group (carries the minimum)
-    for g in range(num_groups):
-        acc = vzero()
-        for i in range(g * gs, (g + 1) * gs, 16):
-            acc = vadd(acc, vload(x, i))
-        xsum[g] = vsum(acc)
     num_tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(num_tasks):
         o = task * ROWS_PER_TASK
         end = min(n, o + ROWS_PER_TASK)
-        while o + 1 < end:  # two rows at a time share the x loads
+        while o < end:
+            # two rows at a time share the x loads; an odd last row is computed twice (same value)
+            o1 = o + 1 if o + 1 < end else o
             a0 = vzero()
             a1 = vzero()
-            base = o * row_bytes
+            b0 = vzero()
+            b1 = vzero()
             for g in range(num_groups):
-                t0 = vzero()
-                t1 = vzero()
-                for u in range(subs):
-                    sb = g * subs + u
-                    qo = base + sb * 16
-                    xl = vload(x, sb * 32)
-                    xh = vload(x, sb * 32 + 16)
-                    t0 = vfma(xl, vload_lo4(q, qo), t0)
-                    t0 = vfma(xh, vload_hi4(q, qo), t0)
-                    t1 = vfma(xl, vload_lo4(q, qo + row_bytes), t1)
-                    t1 = vfma(xh, vload_hi4(q, qo + row_bytes), t1)
-                a0 = vfma(t0, vsplat(load_f16(scale, o * num_groups + g)), a0)
-                a1 = vfma(t1, vsplat(load_f16(scale, (o + 1) * num_groups + g)), a1)
-            y0 = vsum(a0)
-            y1 = vsum(a1)
-            for g in range(num_groups):
-                y0 += load_f16(minv, o * num_groups + g) * xsum[g]
-                y1 += load_f16(minv, (o + 1) * num_groups + g) * xsum[g]
+                s0 = vsplat(load_f16(scale, o * num_groups + g))
+                m0 = vsplat(load_f16(minv, o * num_groups + g))
+                s1 = vsplat(load_f16(scale, o1 * num_groups + g))
+                m1 = vsplat(load_f16(minv, o1 * num_groups + g))
+                for i in range(g * gs, (g + 1) * gs, 32):
+                    xl = vload(x, i)
+                    xh = vload(x, i + 16)
+                    q0 = o * row_bytes + i // 2
+                    q1 = o1 * row_bytes + i // 2
+                    a0 = vfma(xl, vfma(vload_lo4(q, q0), s0, m0), a0)
+                    a1 = vfma(xh, vfma(vload_hi4(q, q0), s0, m0), a1)
+                    b0 = vfma(xl, vfma(vload_lo4(q, q1), s1, m1), b0)
+                    b1 = vfma(xh, vfma(vload_hi4(q, q1), s1, m1), b1)
+            y0 = vsum(vadd(a0, a1))
+            y1 = vsum(vadd(b0, b1))
             out[0, o] = y0 + bias[o] if has_bias else y0
-            out[0, o + 1] = y1 + bias[o + 1] if has_bias else y1
+            out[0, o1] = y1 + bias[o1] if has_bias else y1
             o += 2
-        if o < end:  # odd tail row
-            a0 = vzero()
-            base = o * row_bytes
-            for g in range(num_groups):
-                t0 = vzero()
-                for u in range(subs):
-                    sb = g * subs + u
-                    qo = base + sb * 16
-                    t0 = vfma(vload(x, sb * 32), vload_lo4(q, qo), t0)
-                    t0 = vfma(vload(x, sb * 32 + 16), vload_hi4(q, qo), t0)
-                a0 = vfma(t0, vsplat(load_f16(scale, o * num_groups + g)), a0)
-            y0 = vsum(a0)
-            for g in range(num_groups):
-                y0 += load_f16(minv, o * num_groups + g) * xsum[g]
-            out[0, o] = y0 + bias[o] if has_bias else y0
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
