@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import statistics
@@ -126,56 +127,64 @@ def decode_metadata(tables: list[list[int]], ctx_lens: list[int],
         block_tables=tables, context_lens=ctx_lens)
 
 
-def _median_us(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return out
+def _time_us(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
 
 
 def measure_case(case: Case, backends: list[str], k_cache: torch.Tensor, v_cache: torch.Tensor,
                  runs: int, warmup: int, seed: int) -> tuple[list[report.Result], list[str]]:
-    """Time every backend on one case; -> results and notes (errors, prepare cost)."""
+    """Time every backend on one case; -> results and notes (errors, prepare cost).
+
+    The fast backends' calls are interleaved (run i of each, then run i + 1), so drifting load
+    on a shared machine hits them alike; the reference is timed after them.
+    """
     device = k_cache.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(len(case.tables), NUM_HEADS, HEAD_DIM, generator=gen).to(device)  # [B, H, D]
     scale = HEAD_DIM ** -0.5
-    meta = decode_metadata(case.tables, case.ctx_lens, device)
-    expect = get_backend("reference").forward(q, k_cache, v_cache, meta, scale)
-    notes, results = [], []
+    expect = get_backend("reference").forward(
+        q, k_cache, v_cache, decode_metadata(case.tables, case.ctx_lens, device), scale)
+    notes, calls = [], []
     for name in backends:
-        values, out, prepare_note = _time_backend(name, case, q, k_cache, v_cache, runs, warmup)
-        results.append(report.Result(BENCH, name, f"{case.name}_us", tuple(values)))
-        if prepare_note:
-            notes.append(prepare_note)
+        backend = get_backend(name)
+        meta = decode_metadata(case.tables, case.ctx_lens, device)
+        if getattr(backend, "prepare", None) is not None:
+            notes.append(_prepare_note(name, case, meta))
+            meta.backend_data = backend.prepare(meta)
+        out = backend.forward(q, k_cache, v_cache, meta, scale)
         if name != "reference":
             err = (out - expect).abs().max().item()
             notes.append(f"{case.name}: {name} max abs error vs reference {err:.1e}")
+        calls.append(functools.partial(backend.forward, q, k_cache, v_cache, meta, scale))
+    values: list[list[float]] = [[] for _ in backends]
+    # the reference (float64, large temporaries) runs on its own: interleaved, its allocations
+    # slow down whichever call follows it
+    groups = [[i for i, n in enumerate(backends) if n != "reference"],
+              [i for i, n in enumerate(backends) if n == "reference"]]
+    for group in groups:
+        for _ in range(warmup):
+            for i in group:
+                calls[i]()
+        for _ in range(runs):
+            for i in group:
+                values[i].append(_time_us(calls[i]))
+    results = [report.Result(BENCH, name, f"{case.name}_us", tuple(v))
+               for name, v in zip(backends, values)]
     return results, notes
 
 
-def _time_backend(name: str, case: Case, q: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, runs: int, warmup: int
-                  ) -> tuple[list[float], torch.Tensor, Optional[str]]:
-    """-> (microseconds per forward call, the output, a note on the prepare hook's cost)."""
-    scale = HEAD_DIM ** -0.5
+def _prepare_note(name: str, case: Case, meta: AttentionMetadata) -> str:
+    """What the backend's per-step `prepare` hook costs: a fresh build (the batch changed) and a
+    reuse (same batch, a later step)."""
+    build = statistics.median(_time_us(lambda: get_backend(name).prepare(meta))
+                              for _ in range(3))
     backend = get_backend(name)
-    meta = decode_metadata(case.tables, case.ctx_lens, k_cache.device)
-    note = None
-    if getattr(backend, "prepare", None) is not None:
-        build = _median_us(lambda: get_backend(name).prepare(meta), 3, 1)  # fresh: full build
-        meta.backend_data = backend.prepare(meta)
-        step = _median_us(lambda: backend.prepare(meta), 5, 1)  # same batch: structure reused
-        note = (f"{case.name}: {name} prepare {statistics.median(build):.0f} us when the batch "
-                f"changes, {statistics.median(step):.0f} us on later steps (once per step, "
-                f"for all layers)")
-    out = backend.forward(q, k_cache, v_cache, meta, scale)
-    values = _median_us(lambda: backend.forward(q, k_cache, v_cache, meta, scale), runs, warmup)
-    return values, out, note
+    backend.prepare(meta)
+    step = statistics.median(_time_us(lambda: backend.prepare(meta)) for _ in range(5))
+    return (f"{case.name}: {name} prepare {build:.0f} us when the batch changes, {step:.0f} us "
+            f"on later steps (once per step, for all layers)")
 
 
 def speedup_lines(results: list[report.Result], fast: str, slow: str) -> list[str]:

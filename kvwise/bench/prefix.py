@@ -1,4 +1,4 @@
-"""`kvwise bench prefix`: what sharing a system prompt saves end to end (ChunkAttention, sec. 4).
+"""`kvwise bench prefix`: what sharing a system prompt saves end to end (ChunkAttention-style).
 
 `--num-requests` requests submitted together, each one shared `--prefix-len`-token system prompt
 (real text, pydoc topics) + its own `--question-len`-token question, `--output-len` greedy output

@@ -68,7 +68,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4
     """w float [N, K] -> asymmetric int4 with fp16 scale/min per `group_size` inputs."""
     n, k = w.shape
     if group_size % SUB_BLOCK or k % group_size:
-        raise ValueError(f"group_size {group_size} must be a multiple of {SUB_BLOCK} dividing K={k}")
+        raise ValueError(f"group_size {group_size} must be a multiple of {SUB_BLOCK} "
+                         f"dividing K={k}")
     qs, scales, mins = [], [], []
     for c in w.split(_CHUNK_ROWS):
         g = c.float().reshape(c.shape[0], k // group_size, group_size)  # [n, G, gs]

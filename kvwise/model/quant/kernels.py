@@ -82,7 +82,7 @@ _JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 # -- int8 ------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def int8_matmul(x, q, scale, bias, out):  # noqa: ANN001, ANN201
+def int8_matmul(x, q, scale, bias, out):
     t_count, k = x.shape
     n = q.shape[0]
     has_bias = bias.shape[0] > 0
@@ -119,7 +119,7 @@ def int8_matmul(x, q, scale, bias, out):  # noqa: ANN001, ANN201
 
 
 @njit(**_JIT)
-def int8_dequant(q, scale, row0, out):  # noqa: ANN001, ANN201
+def int8_dequant(q, scale, row0, out):
     rows, k = out.shape
     num_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(num_tasks):
@@ -133,7 +133,7 @@ def int8_dequant(q, scale, row0, out):  # noqa: ANN001, ANN201
 # -- int4 ------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _int4_gemv(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
+def _int4_gemv(x, q, scale, minv, bias, out):
     k = x.shape[1]
     n, num_groups = scale.shape
     gs = k // num_groups
@@ -172,7 +172,7 @@ def _int4_gemv(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
 
 
 @njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _int4_row_to_f32(q, scale, minv, o, w):  # noqa: ANN001, ANN201
+def _int4_row_to_f32(q, scale, minv, o, w):
     """Row o of the int4 weight -> fp32 w [K]."""
     k = w.shape[0]
     num_groups = scale.shape[1]
@@ -188,7 +188,7 @@ def _int4_row_to_f32(q, scale, minv, o, w):  # noqa: ANN001, ANN201
 
 
 @njit(**_JIT)
-def _int4_gemm_small(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
+def _int4_gemm_small(x, q, scale, minv, bias, out):
     t_count, k = x.shape
     n = q.shape[0]
     has_bias = bias.shape[0] > 0
@@ -209,7 +209,7 @@ def _int4_gemm_small(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def int4_matmul(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
+def int4_matmul(x, q, scale, minv, bias, out):
     if x.shape[0] == 1:
         _int4_gemv(x, q, scale, minv, bias, out)
     else:
@@ -217,7 +217,7 @@ def int4_matmul(x, q, scale, minv, bias, out):  # noqa: ANN001, ANN201
 
 
 @njit(**_JIT)
-def int4_dequant(q, scale, minv, row0, out):  # noqa: ANN001, ANN201
+def int4_dequant(q, scale, minv, row0, out):
     rows = out.shape[0]
     num_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(num_tasks):

@@ -16,6 +16,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Any
+
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
@@ -36,50 +38,52 @@ f32x16 = F32x16Type()
 
 @register_model(F32x16Type)
 class _F32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type) -> None:  # noqa: ANN001 (numba's signature)
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
         super().__init__(dmm, fe_type, _V16F)
 
 
-def _ptr(context, builder, arr_type, arr, offset, elem_ir):  # noqa: ANN001, ANN202
+def _ptr(context: Any, builder: ir.IRBuilder, arr_type: Any, arr: Any, offset: Any,
+         elem_ir: ir.Type) -> Any:
     """Pointer to element `offset` of 1-D array `arr`, cast to `elem_ir`*."""
     ary = context.make_array(arr_type)(context, builder, arr)
     p = builder.gep(ary.data, [offset])
     return builder.bitcast(p, elem_ir.as_pointer())
 
 
-def _splat(builder, value):  # noqa: ANN001, ANN202
-    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+def _splat(builder: ir.IRBuilder, value: Any) -> Any:
+    zero = ir.Constant(ir.IntType(32), 0)
+    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, zero)
     return builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), VEC), [0] * VEC))
 
 
-def _fma(builder, a, b, c):  # noqa: ANN001, ANN202
+def _fma(builder: ir.IRBuilder, a: Any, b: Any, c: Any) -> Any:
     fnty = ir.FunctionType(_V16F, [_V16F, _V16F, _V16F])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
     return builder.call(fn, [a, b, c])
 
 
 @intrinsic
-def vzero(typingctx):  # noqa: ANN001, ANN201
+def vzero(typingctx: Any) -> Any:
     """-> f32x16 of zeros."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         return ir.Constant(_V16F, [0.0] * VEC)
     return f32x16(), codegen
 
 
 @intrinsic
-def vsplat(typingctx, value):  # noqa: ANN001, ANN201
+def vsplat(typingctx: Any, value: Any) -> Any:
     """float32 -> f32x16 with every lane = value."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         v = context.cast(builder, args[0], sig.args[0], types.float32)
         return _splat(builder, v)
     return f32x16(value), codegen
 
 
 @intrinsic
-def vload(typingctx, arr, offset):  # noqa: ANN001, ANN201
+def vload(typingctx: Any, arr: Any, offset: Any) -> Any:
     """float32 arr[offset : offset + 16] -> f32x16."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         off = context.cast(builder, args[1], sig.args[1], types.intp)
         p = _ptr(context, builder, sig.args[0], args[0], off, _V16F)
         return builder.load(p, align=4)
@@ -87,9 +91,9 @@ def vload(typingctx, arr, offset):  # noqa: ANN001, ANN201
 
 
 @intrinsic
-def vstore(typingctx, arr, offset, vec):  # noqa: ANN001, ANN201
+def vstore(typingctx: Any, arr: Any, offset: Any, vec: Any) -> Any:
     """arr[offset : offset + 16] = vec (float32 arr)."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         off = context.cast(builder, args[1], sig.args[1], types.intp)
         p = _ptr(context, builder, sig.args[0], args[0], off, _V16F)
         builder.store(args[2], p, align=4)
@@ -98,18 +102,18 @@ def vstore(typingctx, arr, offset, vec):  # noqa: ANN001, ANN201
 
 
 @intrinsic
-def vload_i8(typingctx, arr, offset):  # noqa: ANN001, ANN201
+def vload_i8(typingctx: Any, arr: Any, offset: Any) -> Any:
     """int8 arr[offset : offset + 16] -> f32x16 (exact conversion)."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         off = context.cast(builder, args[1], sig.args[1], types.intp)
         p = _ptr(context, builder, sig.args[0], args[0], off, _V16I8)
         return builder.sitofp(builder.load(p, align=1), _V16F)
     return f32x16(arr, offset), codegen
 
 
-def _nibbles(high: bool):  # noqa: ANN202
-    def gen(typingctx, arr, offset):  # noqa: ANN001, ANN202
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+def _nibbles(high: bool) -> Any:
+    def gen(typingctx: Any, arr: Any, offset: Any) -> Any:
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             off = context.cast(builder, args[1], sig.args[1], types.intp)
             p = _ptr(context, builder, sig.args[0], args[0], off, _V16I8)
             b = builder.load(p, align=1)
@@ -128,9 +132,9 @@ vload_hi4 = intrinsic(_nibbles(high=True))
 
 
 @intrinsic
-def load_f16(typingctx, arr, offset):  # noqa: ANN001, ANN201
+def load_f16(typingctx: Any, arr: Any, offset: Any) -> Any:
     """IEEE half stored as uint16 arr[offset] -> float32 (exact; F16C `vcvtph2ps` on x86)."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         off = context.cast(builder, args[1], sig.args[1], types.intp)
         h = builder.load(_ptr(context, builder, sig.args[0], args[0], off, ir.HalfType()))
         return builder.fpext(h, _F32)
@@ -138,31 +142,31 @@ def load_f16(typingctx, arr, offset):  # noqa: ANN001, ANN201
 
 
 @intrinsic
-def vfma(typingctx, a, b, c):  # noqa: ANN001, ANN201
+def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     """a * b + c, lane-wise, fused."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         return _fma(builder, *args)
     return f32x16(a, b, c), codegen
 
 
 @intrinsic
-def vadd(typingctx, a, b):  # noqa: ANN001, ANN201
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+def vadd(typingctx: Any, a: Any, b: Any) -> Any:
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         return builder.fadd(args[0], args[1])
     return f32x16(a, b), codegen
 
 
 @intrinsic
-def vmul(typingctx, a, b):  # noqa: ANN001, ANN201
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+def vmul(typingctx: Any, a: Any, b: Any) -> Any:
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         return builder.fmul(args[0], args[1])
     return f32x16(a, b), codegen
 
 
 @intrinsic
-def vsum(typingctx, a):  # noqa: ANN001, ANN201
+def vsum(typingctx: Any, a: Any) -> Any:
     """Sum of the 16 lanes (pairwise tree: 8+8, 4+4, 2+2, 1+1) -> float32."""
-    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         v = args[0]
         width = VEC
         while width > 1:
@@ -176,5 +180,5 @@ def vsum(typingctx, a):  # noqa: ANN001, ANN201
     return types.float32(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "load_f16", "vadd", "vfma", "vload", "vload_hi4", "vload_i8", "vload_lo4", "vmul",
-           "vsplat", "vstore", "vsum", "vzero"]
+__all__ = ["VEC", "f32x16", "load_f16", "vadd", "vfma", "vload", "vload_hi4", "vload_i8",
+           "vload_lo4", "vmul", "vsplat", "vstore", "vsum", "vzero"]

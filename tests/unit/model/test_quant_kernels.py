@@ -106,7 +106,8 @@ def test_small_batch_rows_equal_single_token_rows():
     q8 = rng.integers(-127, 128, (n, k), dtype=np.int8)
     s8 = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    s16, m16, nob = scale.numpy().view(np.uint16), minv.numpy().view(np.uint16), np.empty(0, np.float32)
+    s16, m16 = scale.numpy().view(np.uint16), minv.numpy().view(np.uint16)
+    nob = np.empty(0, np.float32)
     for run in (lambda xx, out: kernels.int4_matmul(xx, q.numpy(), s16, m16, nob, out),
                 lambda xx, out: kernels.int8_matmul(xx, q8, s8, nob, out)):
         full = np.empty((t, n), np.float32)
