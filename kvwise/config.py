@@ -55,7 +55,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     attention_backend: str = "paged"
-    weight_dtype: str = "fp32"  # projections + LM head: fp32 | int8 | int4 (weight-only quant)
+    weight_dtype: str = "fp32"  # decoder projections: fp32 | int8 | int4 (weight-only quant)
+    lm_head_dtype: Optional[str] = None  # None: weight_dtype, but int8 when that is int4
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -83,6 +84,9 @@ class EngineConfig:
             raise bad("threads", f"must be >= 1, got {self.threads}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise bad("weight_dtype", f"must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+        if self.lm_head_dtype is not None and self.lm_head_dtype not in WEIGHT_DTYPES:
+            raise bad("lm_head_dtype",
+                      f"must be one of {WEIGHT_DTYPES}, got {self.lm_head_dtype!r}")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -114,7 +118,9 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("enable_chunked_prefill", bool, "split long prompts across steps"),
     ("enable_prefix_caching", bool, "reuse KV of shared prompt prefixes"),
     ("attention_backend", str, "attention implementation: paged | reference | two_phase"),
-    ("weight_dtype", str, "projection/LM-head weight storage: fp32 | int8 | int4 (quantized)"),
+    ("weight_dtype", str, "decoder projection weights: fp32 | int8 | int4 (weight-only quant)"),
+    ("lm_head_dtype", str, "LM head weights: fp32 | int8 | int4 (default: --weight-dtype, "
+                           "but int8 for int4)"),
 ]
 
 

@@ -1,8 +1,8 @@
 """Build the runnable model from an EngineConfig: load weights, fuse, place, build RoPE tables.
 
-With `weight_dtype` int8/int4 the projections and the LM head are built quantized straight from
-the source (GGUF raw blocks where the format allows, else one dequantized tensor at a time), so
-no fp32 copy of the model is made; the embedding table, norms and RoPE stay in `dtype`.
+With `weight_dtype` / `lm_head_dtype` int8 or int4 the projections and the LM head are built
+quantized straight from the source (GGUF raw blocks where the format allows, else one dequantized
+tensor at a time), so no fp32 copy of the model is made; embedding, norms and RoPE stay in `dtype`.
 
 Invariants:
 - The module is created on the meta device and materialised once on the target device, so no
@@ -31,7 +31,7 @@ _EMBED = "model.embed_tokens.weight"
 
 def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
                 ) -> tuple[LlamaModel, Tokenizer, ModelConfig, str]:
-    quantized = config.weight_dtype != "fp32"
+    quantized = config.weight_dtype != "fp32" or config.lm_head_dtype not in (None, "fp32")
     loaded = load_model(config.model, dtype=dtype, tokenizer=config.tokenizer, lazy=quantized)
     mc = loaded.config
     max_positions = max(config.max_model_len or 0, mc.max_position_embeddings)
@@ -44,7 +44,7 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
         model.lm_head = None
     model = model.to_empty(device=device).to(dtype)
     if quantized:
-        _load_quantized(model, loaded.weights, config, device)
+        _load_quantized(model, loaded.weights, config, device, dtype)
     else:
         model.load_hf_weights(loaded.weights)
     model.build_rope()
@@ -59,12 +59,13 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _load_quantized(model: LlamaModel, weights: Mapping[str, Any], config: EngineConfig,
-                    device: torch.device) -> None:
+                    device: torch.device, dtype: torch.dtype) -> None:
     """Fill a model whose projections were detached: dense weights copied, projections and LM
     head built quantized. Consumes `weights` (a dict or a LazyGGUFWeights)."""
     from kvwise.model import quant  # numba is imported only when a quantized format is used
 
     workspace = quant.Workspace(config.threads)
+    head_dtype = quant.lm_head_dtype(config.weight_dtype, config.lm_head_dtype)
     raw = getattr(weights, "raw", None)  # GGUF blocks when the source is a lazy GGUF
 
     def take(name: str) -> torch.Tensor:
@@ -75,8 +76,10 @@ def _load_quantized(model: LlamaModel, weights: Mapping[str, Any], config: Engin
     def part(name: str) -> Any:
         return raw(name) if raw is not None else take(name)
 
-    def build(names: list[str], bias: Optional[torch.Tensor] = None) -> nn.Module:
-        layer = quant.make_linear(config.weight_dtype, [part(n) for n in names], bias, workspace)
+    def build(names: list[str], bias: Optional[torch.Tensor] = None,
+              weight_dtype: str = config.weight_dtype) -> nn.Module:
+        layer = quant.make_linear(weight_dtype, [part(n) for n in names], bias, workspace,
+                                  dtype=dtype)
         return layer.to(device)
 
     cfg = model.cfg
@@ -84,9 +87,10 @@ def _load_quantized(model: LlamaModel, weights: Mapping[str, Any], config: Engin
     model.norm.copy_(take("model.norm.weight"))
     if cfg.tie_word_embeddings:
         head = raw(_EMBED) if raw is not None else model.embed.weight.float().cpu()
-        model.lm_head = quant.make_linear(config.weight_dtype, [head], None, workspace).to(device)
+        model.lm_head = quant.make_linear(head_dtype, [head], None, workspace,
+                                          dtype=dtype).to(device)
     else:
-        model.lm_head = build(["lm_head.weight"])
+        model.lm_head = build(["lm_head.weight"], weight_dtype=head_dtype)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         layer.input_norm.copy_(take(p + "input_layernorm.weight"))
