@@ -77,16 +77,31 @@ def prefill_spans_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 class PagedBackend:
     name = "paged"
 
+    def __init__(self) -> None:
+        # CPU decode rows go through one numba kernel reading the cache in place (cpu_decode.py:
+        # ~90 -> ~35 us per layer at batch 1, 25x faster than the padded gather at batch 4).
+        from kvwise.attention import cpu_decode
+
+        cpu_decode.warmup()
+        self._cpu_decode = cpu_decode
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if self._cpu_decode.supported(q, k_cache):
+            return self._cpu_decode.decode_attention(q, k_cache, v_cache, meta.decode_block_ids,
+                                                     meta.decode_context_lens, meta.block_size,
+                                                     scale)
+        return decode_attention(q, k_cache, v_cache, meta.decode_block_ids, meta.decode_mask,
+                                meta.block_size, scale)
+
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         bd = meta.num_decode_tokens
         if not meta.prefills:
-            return decode_attention(q, k_cache, v_cache, meta.decode_block_ids, meta.decode_mask,
-                                    meta.block_size, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         if bd:
-            out[:bd] = decode_attention(q[:bd], k_cache, v_cache, meta.decode_block_ids,
-                                        meta.decode_mask, meta.block_size, scale)
+            out[:bd] = self._decode(q[:bd], k_cache, v_cache, meta, scale)
         prefill_spans_attention(q, k_cache, v_cache, meta, scale, out)
         return out
 

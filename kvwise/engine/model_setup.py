@@ -8,7 +8,8 @@ Invariants:
 - The module is created on the meta device and materialised once on the target device, so no
   random initialisation or second full copy of the weights is made (quantized projections are
   detached before materialising and attached already built).
-- The numba kernels are compiled (or loaded from cache) here, never inside a timed step.
+- The numba kernels (quantized matmuls, cpu_ops) are compiled or loaded from numba's cache here,
+  never inside a timed step (the paged backend warms its decode kernel when it is created).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from kvwise.config import EngineConfig
+from kvwise.model import cpu_ops
 from kvwise.model.config import ModelConfig
 from kvwise.model.llama import LlamaModel, projection_bias_names, projection_weight_names
 from kvwise.model.loader import load_model
@@ -49,6 +51,8 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
         model.load_hf_weights(loaded.weights)
     model.build_rope()
     model.eval()
+    if device.type == "cpu":
+        cpu_ops.warmup()
     return model, loaded.tokenizer, mc, loaded.source
 
 

@@ -3,7 +3,7 @@
 `--weight-dtype fp32 | int8 | int4` (EngineConfig.weight_dtype) sets the decoder projections,
 `--lm-head-dtype` the LM head (default: see `lm_head_dtype`):
 - fp32: DenseLinear (kvwise.model.linear), the default; parity with HF holds only here.
-- int8: Int8Linear, symmetric per output row.
+- int8: Int8Linear, symmetric per output row (per 32 inputs from GGUF Q8_0/Q4_x blocks).
 - int4: Int4Linear, asymmetric per group (32 from GGUF Q4_0/Q4_1 blocks, else 64).
 
 A quantized layer has DenseLinear's interface (forward(x [T, in]) -> [T, out], in_features,
@@ -29,6 +29,7 @@ from kvwise.model.quant.convert import (
     Part,
     dense,
     int4_group_size,
+    int8_group_size,
     to_int4,
     to_int8,
 )
@@ -62,7 +63,7 @@ def make_linear(weight_dtype: str, parts: list[Part], bias: Optional[torch.Tenso
         layer.load(w, bias)
         return layer.to(dtype)
     if weight_dtype == "int8":
-        return Int8Linear(to_int8(parts), bias, workspace)
+        return Int8Linear(to_int8(parts, int8_group_size(parts)), bias, workspace)
     if weight_dtype == "int4":
         return Int4Linear(to_int4(parts, int4_group_size(parts, group_size)), bias, workspace)
     raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {WEIGHT_DTYPES}")

@@ -1,14 +1,17 @@
 """Weights -> quantized formats: from fp32/fp16/bf16 tensors, or straight from GGUF blocks.
 
-int8: symmetric per output row, scale = max|w| / 127, q = round(w / scale).
+int8: symmetric, scale = max|w| / 127 per group, q = round(w / scale); one group per output row
+  (per-channel) for float checkpoints, groups of 32 for GGUF block-quantized tensors.
 int4: asymmetric per group of `group_size` inputs (FlexGen, Sheng et al. 2023, sec. 5: min/max
-  per group), scale = (max - min) / 15, q = round((w - min) / scale) in 0..15; scale and min are
-  stored as fp16 and q is computed against the stored (rounded) values.
+  per group), scale = (max - min) / 15, q = round((w - min) / scale) in 0..15.
+Scales (and mins) are stored as fp16; q is computed against the stored (rounded) values.
 
-GGUF fast paths (no fp32 copy, exact): Q4_1 blocks of 32 are already (d, m, 16 bytes of nibbles)
-in our packing order, so they map onto int4 groups of 32 (scale = d, min = m); Q4_0 blocks
-(d, nibbles, w = d * (q - 8)) map onto scale = d, min = -8 d (exact in fp16). Every other GGUF
-type (Q8_0, F16, K-quants...) is dequantized one tensor at a time and quantized as a float tensor.
+GGUF fast paths (no fp32 copy, exact): Q8_0 blocks (d, 32 x int8) are int8 groups of 32; Q4_1
+blocks of 32 are already (d, m, 16 bytes of nibbles) in our packing order, so they map onto int4
+groups of 32 (scale = d, min = m); Q4_0 blocks (d, nibbles, w = d * (q - 8)) map onto scale = d,
+min = -8 d (exact in fp16). Any other pairing (Q4_1 -> int8, Q8_0 -> int4, F16, K-quants...)
+dequantizes one tensor and quantizes it as a float tensor, with groups of 32 when the source was
+block-quantized (so int8 from Q4_1 stays within 1/254 of each 32-block's maximum).
 
 Invariants:
 - A fused projection (q|k|v, gate|up) is converted part by part and concatenated along rows;
@@ -20,7 +23,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -31,14 +34,19 @@ from kvwise.model.quant.reference import SUB_BLOCK, pack_int4
 
 Part = Union[torch.Tensor, RawTensor]  # a float weight [out, in], or a GGUF tensor's raw blocks
 GGUF_INT4_DIRECT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-DEFAULT_GROUP_SIZE = 64
+GGUF_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+DEFAULT_GROUP_SIZE = 64  # int4 from float checkpoints
 _CHUNK_ROWS = 4096
 
 
 @dataclass
 class Int8Weight:
     q: torch.Tensor  # [N, K] int8
-    scale: torch.Tensor  # [N] fp32
+    scale: torch.Tensor  # [N, G] fp16; G = 1: per output row
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
 
 
 @dataclass
@@ -52,14 +60,26 @@ class Int4Weight:
         return self.q.shape[1] * 2 // self.scale.shape[1]
 
 
-def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    """w float [N, K] -> per-row symmetric int8."""
+def _check_group(k: int, group_size: int) -> None:
+    if group_size % SUB_BLOCK or k % group_size:
+        raise ValueError(f"group_size {group_size} must be a multiple of {SUB_BLOCK} "
+                         f"dividing K={k}")
+
+
+def quantize_int8(w: torch.Tensor, group_size: Optional[int] = None) -> Int8Weight:
+    """w float [N, K] -> symmetric int8, one fp16 scale per row (group_size None) or group."""
+    n, k = w.shape
+    gs = group_size or k
+    if group_size is not None:
+        _check_group(k, gs)
     qs, scales = [], []
     for c in w.split(_CHUNK_ROWS):
-        c = c.float()
-        scale = c.abs().amax(dim=1) / 127.0  # [n]
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        qs.append(torch.round(c / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        g = c.float().reshape(c.shape[0], k // gs, gs)  # [n, G, gs]
+        scale = (g.abs().amax(dim=2) / 127.0).clamp(max=65504).half()  # [n, G]
+        s32 = scale.float()
+        safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+        q = torch.round(g / safe[:, :, None]).clamp_(-127, 127).to(torch.int8)
+        qs.append(q.reshape(c.shape[0], k))
         scales.append(scale)
     return Int8Weight(torch.cat(qs), torch.cat(scales))
 
@@ -67,9 +87,7 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
 def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
     """w float [N, K] -> asymmetric int4 with fp16 scale/min per `group_size` inputs."""
     n, k = w.shape
-    if group_size % SUB_BLOCK or k % group_size:
-        raise ValueError(f"group_size {group_size} must be a multiple of {SUB_BLOCK} "
-                         f"dividing K={k}")
+    _check_group(k, group_size)
     qs, scales, mins = [], [], []
     for c in w.split(_CHUNK_ROWS):
         g = c.float().reshape(c.shape[0], k // group_size, group_size)  # [n, G, gs]
@@ -112,15 +130,42 @@ def int4_from_gguf(raw: RawTensor) -> Int4Weight:
                       torch.from_numpy(np.ascontiguousarray(m)))
 
 
+def int8_from_gguf(raw: RawTensor) -> Int8Weight:
+    """Q8_0 blocks -> int8 with group size 32, bit-exact."""
+    if raw.ggml_type != GGMLQuantizationType.Q8_0:
+        raise ValueError(f"{raw.ggml_type.name} has no direct int8 mapping")
+    rows, cols = raw.shape
+    blocks = np.ascontiguousarray(raw.data).reshape(rows, cols // 32, 34)  # d f16, 32 x int8
+    d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16)[..., 0]  # [N, K/32]
+    q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return Int8Weight(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(d)))
+
+
+def _block_quantized(part: Part) -> bool:
+    return isinstance(part, RawTensor) and part.ggml_type not in GGUF_FLOAT_TYPES
+
+
+def int8_group_size(parts: list[Part]) -> Optional[int]:
+    """32 when any part is a block-quantized GGUF tensor (Q8_0 maps exactly), else None (per
+    output row, as for float checkpoints)."""
+    return SUB_BLOCK if any(_block_quantized(p) for p in parts) else None
+
+
 def int4_group_size(parts: list[Part], default: int = DEFAULT_GROUP_SIZE) -> int:
     """32 when any part is GGUF Q4_0/Q4_1 (so those map exactly), else `default`."""
     direct = any(isinstance(p, RawTensor) and p.ggml_type in GGUF_INT4_DIRECT for p in parts)
     return SUB_BLOCK if direct else default
 
 
-def to_int8(parts: list[Part]) -> Int8Weight:
-    """Quantize and concatenate parts along rows."""
-    ws = [quantize_int8(dense(p)) for p in parts]
+def to_int8(parts: list[Part], group_size: Optional[int]) -> Int8Weight:
+    """Quantize (or map GGUF Q8_0 blocks) and concatenate parts along rows."""
+    ws = []
+    for p in parts:
+        if (isinstance(p, RawTensor) and p.ggml_type == GGMLQuantizationType.Q8_0
+                and group_size == SUB_BLOCK):
+            ws.append(int8_from_gguf(p))
+        else:
+            ws.append(quantize_int8(dense(p), group_size))
     return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
 
 

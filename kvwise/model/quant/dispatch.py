@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Optional
 
@@ -32,6 +33,17 @@ class Workspace:
     def __init__(self, num_threads: Optional[int] = None) -> None:
         self.num_threads = num_threads or torch.get_num_threads()
         self._buf = torch.empty(0)
+        self._threads_set_in: Optional[int] = None  # id of the thread that last applied them
+
+    def use_threads(self) -> None:
+        """Apply `num_threads` to kernel launches from the calling thread (numba keeps the
+        setting per thread; the engine may run on a thread other than the one that built it)."""
+        ident = threading.get_ident()
+        if ident != self._threads_set_in:
+            from kvwise.model.quant import runtime
+
+            runtime.set_num_threads(self.num_threads)
+            self._threads_set_in = ident
 
     def scratch(self, numel: int) -> torch.Tensor:
         """An fp32 CPU buffer of at least `numel` elements (contents undefined), reused."""
@@ -57,3 +69,10 @@ def dequant_matmul(x: torch.Tensor, out_features: int,
     if bias is not None:
         out += bias
     return out
+
+
+def restore_shape(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out fp32 [T, N] -> x's leading shape and dtype."""
+    if x.dim() != 2:
+        out = out.view(*x.shape[:-1], out.shape[-1])
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -16,7 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,12 @@ from torch import nn
 
 from kvwise.model.quant import kernels, reference
 from kvwise.model.quant.convert import Int4Weight
-from kvwise.model.quant.dispatch import SMALL_BATCH_MAX, Workspace, dequant_matmul
+from kvwise.model.quant.dispatch import (
+    SMALL_BATCH_MAX,
+    Workspace,
+    dequant_matmul,
+    restore_shape,
+)
 
 
 class Int4Linear(nn.Module):
@@ -43,30 +48,36 @@ class Int4Linear(nn.Module):
         self.bias: Optional[torch.Tensor]
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         self.workspace = workspace or Workspace()
-        self._arrays_key = -1
         self._arrays: tuple[np.ndarray, ...] = ()
+        self._refresh_arrays()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "
                 f"group_size={self.group_size}")
 
-    def _numpy(self) -> tuple[np.ndarray, ...]:
-        """Numpy views of the buffers for the kernels (fp16 as uint16 bits), rebuilt if a
-        buffer was replaced."""
-        key = self.qweight.data_ptr()
-        if key != self._arrays_key:
-            bias = self.bias if self.bias is not None else torch.empty(0)
-            self._arrays = (self.qweight.numpy(), self.scale.numpy().view(np.uint16),
-                            self.minv.numpy().view(np.uint16), bias.numpy())
-            self._arrays_key = key
-        return self._arrays
+    def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
+        super()._apply(fn, recurse)
+        self._refresh_arrays()
+        return self
+
+    def _refresh_arrays(self) -> None:
+        """Numpy views of the CPU buffers for the kernels (fp16 as uint16 bits); rebuilt whenever
+        `.to()` / `._apply` may have replaced a buffer."""
+        if self.qweight.device.type != "cpu":
+            self._arrays = ()
+            return
+        bias = self.bias if self.bias is not None else torch.empty(0)
+        self._arrays = (self.qweight.numpy(), self.scale.numpy().view(np.uint16),
+                        self.minv.numpy().view(np.uint16), bias.numpy())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return reference.int4_linear(x, self.qweight, self.scale, self.minv, self.bias)
-        x2 = x.reshape(-1, self.in_features).float().contiguous()  # [T, K]
-        kernels.set_num_threads(self.workspace.num_threads)
-        q, scale, minv, bias = self._numpy()
+        x2 = x.reshape(-1, self.in_features)  # [T, K]
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        self.workspace.use_threads()
+        q, scale, minv, bias = self._arrays
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)
             kernels.int4_matmul(x2.numpy(), q, scale, minv, bias, out.numpy())
@@ -75,4 +86,4 @@ class Int4Linear(nn.Module):
                 x2, self.out_features,
                 lambda row0, buf: kernels.int4_dequant(q, scale, minv, row0, buf),
                 self.bias, self.workspace)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return restore_shape(out, x)

@@ -36,8 +36,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K], scale fp32 [N] -> w fp32 [N, K]."""
-    return q.float() * scale.float()[:, None]
+    """q int8 [N, K], scale fp16 [N, G] -> w fp32 [N, K] (group size K / G; G = 1: per row)."""
+    n, k = q.shape
+    g = scale.shape[1]
+    return (q.float().view(n, g, k // g) * scale.float()[:, :, None]).view(n, k)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from kvwise.model.quant import Int4Linear, Int8Linear, Workspace, kernels, refer
 from kvwise.model.quant.convert import (
     int4_from_gguf,
     int4_group_size,
+    int8_group_size,
     quantize_int4,
     quantize_int8,
     to_int4,
@@ -37,6 +38,12 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= bound
 
 
+def _int8_weight(rng: np.random.Generator, n: int, k: int, gs: int) -> tuple[torch.Tensor, ...]:
+    q = torch.from_numpy(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    scale = torch.from_numpy(rng.uniform(1e-3, 1e-2, (n, k // gs)).astype(np.float16))
+    return q, scale
+
+
 def _int4_weight(rng: np.random.Generator, n: int, k: int, gs: int) -> tuple[torch.Tensor, ...]:
     q = torch.from_numpy(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
     scale = torch.from_numpy(rng.uniform(1e-3, 2e-2, (n, k // gs)).astype(np.float16))
@@ -49,18 +56,19 @@ shapes = st.tuples(st.integers(1, 2 * SMALL_BATCH_MAX), st.integers(1, 160),
 
 
 @SETTINGS
-@given(shapes)
-def test_int8_matmul_matches_reference(shape):
+@given(shapes, st.sampled_from([None, 32, 64]))
+def test_int8_matmul_matches_reference(shape, gs):
     t, n, k, with_bias, seed = shape
+    gs = k if gs is None or k % gs else gs  # None: one scale per row
     rng = np.random.default_rng(seed)
-    q = torch.from_numpy(rng.integers(-127, 128, (n, k), dtype=np.int8))
-    scale = torch.from_numpy(rng.uniform(1e-3, 1e-2, n).astype(np.float32))
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if with_bias else None
+    q, scale = _int8_weight(rng, n, k, gs)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) if with_bias else None
     x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32))
     out = torch.empty(t, n)
     b = bias.numpy() if bias is not None else np.empty(0, np.float32)
-    kernels.check_int8(x.numpy(), q.numpy(), scale.numpy(), b, out.numpy())
-    kernels.int8_matmul(x.numpy(), q.numpy(), scale.numpy(), b, out.numpy())
+    s16 = scale.numpy().view(np.uint16)
+    kernels.check_int8(x.numpy(), q.numpy(), s16, b, out.numpy())
+    kernels.int8_matmul(x.numpy(), q.numpy(), s16, b, out.numpy())
     _close(out, reference.int8_linear(x, q, scale, bias))
 
 
@@ -92,9 +100,8 @@ def test_dequant_kernels_are_exact(n, k, seed):
     kernels.int4_dequant(q.numpy(), scale.numpy().view(np.uint16), minv.numpy().view(np.uint16),
                          row0, buf)
     assert torch.equal(torch.from_numpy(buf), reference.dequantize_int4(q, scale, minv)[row0:])
-    q8 = torch.from_numpy(rng.integers(-127, 128, (n, k), dtype=np.int8))
-    s8 = torch.from_numpy(rng.uniform(1e-3, 1e-2, n).astype(np.float32))
-    kernels.int8_dequant(q8.numpy(), s8.numpy(), row0, buf)
+    q8, s8 = _int8_weight(rng, n, k, 32)
+    kernels.int8_dequant(q8.numpy(), s8.numpy().view(np.uint16), row0, buf)
     assert torch.equal(torch.from_numpy(buf), reference.dequantize_int8(q8, s8)[row0:])
 
 
@@ -103,8 +110,8 @@ def test_small_batch_rows_equal_single_token_rows():
     rng = np.random.default_rng(0)
     n, k, t = 99, 576, 7
     q, scale, minv = _int4_weight(rng, n, k, 32)
-    q8 = rng.integers(-127, 128, (n, k), dtype=np.int8)
-    s8 = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
+    q8, s8 = _int8_weight(rng, n, k, 32)
+    q8, s8 = q8.numpy(), s8.numpy().view(np.uint16)
     x = rng.standard_normal((t, k)).astype(np.float32)
     s16, m16 = scale.numpy().view(np.uint16), minv.numpy().view(np.uint16)
     nob = np.empty(0, np.float32)
@@ -128,7 +135,7 @@ def test_layers_match_reference_on_every_path(kind, t):
     bias = torch.randn(n)
     ws = Workspace(2)
     if kind == "int8":
-        qw = quantize_int8(w)
+        qw = quantize_int8(w)  # one scale per row
         layer = Int8Linear(qw, bias, ws)
         ref = lambda x: reference.int8_linear(x, qw.q, qw.scale, bias)  # noqa: E731
     else:
@@ -153,9 +160,12 @@ def test_pack_unpack_roundtrip_and_gguf_order():
 def test_quantize_error_bounds():
     torch.manual_seed(0)
     w = torch.randn(64, 256) * 0.1
-    q8 = quantize_int8(w)
-    err8 = (reference.dequantize_int8(q8.q, q8.scale) - w).abs()
-    assert (err8 <= q8.scale[:, None] / 2 + 1e-7).all()
+    for gs in (None, 32):
+        q8 = quantize_int8(w, gs)
+        err8 = (reference.dequantize_int8(q8.q, q8.scale) - w).abs()
+        step = q8.scale.float().repeat_interleave(q8.group_size, dim=1)
+        assert (err8 <= step / 2 + 1e-6).all()
+        assert q8.group_size == (gs or 256)
     q4 = quantize_int4(w, 64)
     err4 = (reference.dequantize_int4(q4.q, q4.scale, q4.minv) - w).abs()
     step = q4.scale.float().repeat_interleave(64, dim=1)
@@ -178,12 +188,18 @@ def test_gguf_4bit_blocks_map_exactly(qtype):
     assert fused.q.shape == (64, 64) and fused.group_size == 32
 
 
-def test_gguf_q8_0_to_int8_is_close():
+def test_gguf_q8_0_maps_exactly_and_q4_1_to_int8_is_close():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 256)).astype(np.float32)
     raw = RawTensor(GGMLQuantizationType.Q8_0, quants.quantize(w, GGMLQuantizationType.Q8_0),
                     w.shape)
-    q8 = to_int8([raw])
+    assert int8_group_size([raw]) == 32 and int8_group_size([torch.from_numpy(w)]) is None
+    q8 = to_int8([raw], 32)
     deq = torch.from_numpy(dequantize(raw.data, raw.ggml_type))
+    assert torch.equal(reference.dequantize_int8(q8.q, q8.scale), deq)
+    raw4 = RawTensor(GGMLQuantizationType.Q4_1, quants.quantize(w, GGMLQuantizationType.Q4_1),
+                     w.shape)
+    q8 = to_int8([raw4], int8_group_size([raw4]))
+    deq = torch.from_numpy(dequantize(raw4.data, raw4.ggml_type))
     err = (reference.dequantize_int8(q8.q, q8.scale) - deq).abs()
-    assert (err <= q8.scale[:, None] / 2 + 1e-7).all()
+    assert (err <= q8.scale.float().repeat_interleave(32, dim=1) / 2 + 1e-6).all()
