@@ -25,7 +25,7 @@ from kvwise.model.quant.simd import vfma, vload, vsplat, vstore, vsum, vzero
 runtime.preload_tbb()
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
 def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]

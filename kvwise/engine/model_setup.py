@@ -53,6 +53,7 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
     model.eval()
     if device.type == "cpu":
         cpu_ops.warmup()
+        model.enable_fused_decode()
     return model, loaded.tokenizer, mc, loaded.source
 
 

@@ -4,7 +4,9 @@ At batch 1 a decoder layer's elementwise work is microseconds of arithmetic behi
 microseconds of dispatch: `F.rms_norm` on CPU runs ~10 aten ops (~30 us per call in a decode
 step, 61 calls per token on SmolLM2). One kernel call costs ~2 us.
 
-Reference: `F.rms_norm(x, (E,), w, eps)`; tests compare the two.
+References: `F.rms_norm(x, (E,), w, eps)`, `rope.apply_rope`, `F.silu(gate) * up`; tests compare.
+The same kernels run in LlamaModel.forward and in the fused decode step (fused_decode.py), so a
+token's arithmetic does not depend on which of the two paths its step took.
 
 Invariants:
 - Rows are independent and computed in a fixed order: results do not depend on T.
@@ -23,9 +25,11 @@ from kvwise.model.quant.simd import vfma, vload, vmul, vsplat, vstore, vsum, vze
 
 runtime.preload_tbb()
 _PARALLEL_MIN_ROWS = 64  # below this, one thread: the launch costs more than the work
+# fastmath without contraction: rope's products and sum round like torch's separate mul and add
+_NO_CONTRACT = {"nnan", "ninf", "nsz", "arcp", "afn", "reassoc"}
 
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
 def _rms_row(x, w, eps, out, r):
     # explicit 16-lane vectors (fixed summation order): the same bits whichever kernel inlines it
     e = x.shape[1]
@@ -45,16 +49,66 @@ def _rms_row(x, w, eps, out, r):
         out[r, i] = (x[r, i] * inv) * w[i]
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _rms_norm_serial(x, w, eps, out):
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+def rms_norm_serial(x, w, eps, out):
     for r in range(x.shape[0]):
         _rms_row(x, w, eps, out, r)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
 def _rms_norm_parallel(x, w, eps, out):
     for r in prange(x.shape[0]):
         _rms_row(x, w, eps, out, r)
+
+
+@njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy")
+def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
+    """qkv [T, (H+2K)*D] -> q_out [T, H, D] rotated, k_dst[rows[t]] [K, D] rotated, v_dst[rows[t]]
+    [K, D] copied (rotate-half RoPE at `positions[t]`; cos/sin tables [P, D])."""
+    t_count = qkv.shape[0]
+    k_count, d = k_dst.shape[1], k_dst.shape[2]
+    half = d // 2
+    for t in range(t_count):
+        p = positions[t]
+        r = rows[t]
+        for j in range(num_heads + k_count):
+            base = j * d
+            for i in range(half):
+                x1 = qkv[t, base + i]
+                x2 = qkv[t, base + half + i]
+                lo = x1 * cos[p, i] - x2 * sin[p, i]
+                hi = x2 * cos[p, half + i] + x1 * sin[p, half + i]
+                if j < num_heads:
+                    q_out[t, j, i] = lo
+                    q_out[t, j, half + i] = hi
+                else:
+                    k_dst[r, j - num_heads, i] = lo
+                    k_dst[r, j - num_heads, half + i] = hi
+        vbase = (num_heads + k_count) * d
+        for j in range(k_count):
+            for i in range(d):
+                v_dst[r, j, i] = qkv[t, vbase + j * d + i]
+
+
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
+def _silu_mul_row(gu, out, r):
+    n = out.shape[1]
+    for i in range(n):
+        g = gu[r, i]
+        out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, n + i]
+
+
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+def silu_mul_serial(gu, out):
+    """gu [T, 2I] (gate | up) -> out [T, I] = silu(gate) * up."""
+    for r in range(gu.shape[0]):
+        _silu_mul_row(gu, out, r)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
+def _silu_mul_parallel(gu, out):
+    for r in prange(gu.shape[0]):
+        _silu_mul_row(gu, out, r)
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -67,8 +121,34 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if not supported(x) or w.dtype != torch.float32:
         return F.rms_norm(x, (x.shape[-1],), w, eps)
     out = torch.empty_like(x)
-    kernel = _rms_norm_parallel if x.shape[0] >= _PARALLEL_MIN_ROWS else _rms_norm_serial
+    kernel = _rms_norm_parallel if x.shape[0] >= _PARALLEL_MIN_ROWS else rms_norm_serial
     kernel(x.numpy(), w.numpy(), np.float32(eps), out.numpy())
+    return out
+
+
+def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             num_heads: int, num_kv_heads: int, head_dim: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, (H+2K)D] fp32 -> q [T, H, D], k [T, K, D] rotated; v [T, K, D]. The caller checks
+    `supported(qkv)` and fp32 tables; positions long [T]."""
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, head_dim)
+    k = torch.empty(t, num_kv_heads, head_dim)
+    v = torch.empty(t, num_kv_heads, head_dim)
+    rows = np.arange(t, dtype=np.int64)
+    rope_split(qkv.numpy(), positions.numpy(), cos.numpy(), sin.numpy(), num_heads, q.numpy(),
+               k.numpy(), v.numpy(), rows)
+    return q, k, v
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [T, 2I] fp32 contiguous (gate | up) -> silu(gate) * up [T, I]."""
+    if not supported(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    out = torch.empty(gu.shape[0], gu.shape[1] // 2)
+    kernel = _silu_mul_parallel if gu.shape[0] >= _PARALLEL_MIN_ROWS else silu_mul_serial
+    kernel(gu.numpy(), out.numpy())
     return out
 
 
@@ -77,3 +157,7 @@ def warmup() -> None:
     x = torch.ones(_PARALLEL_MIN_ROWS, 32)
     rms_norm(x, torch.ones(32), 1e-5)
     rms_norm(x[:1], torch.ones(32), 1e-5)
+    silu_mul(x)
+    silu_mul(x[:1])
+    tab = torch.ones(4, 16)
+    rope_qkv(torch.ones(2, 64), torch.zeros(2, dtype=torch.long), tab, tab, 2, 1, 16)

@@ -12,14 +12,16 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvwise.attention.backend import AttentionBackend, AttentionMetadata
 from kvwise.cache.kv_store import KVStore
 from kvwise.model import cpu_ops
 from kvwise.model.config import ModelConfig
+from kvwise.model.fused_decode import FusedDecode
 from kvwise.model.linear import DenseLinear
 from kvwise.model.rope import apply_rope, rope_tables
 
@@ -52,6 +54,13 @@ class LlamaModel(nn.Module):
         self.requires_grad_(False)
         self.cos: torch.Tensor = torch.empty(0)
         self.sin: torch.Tensor = torch.empty(0)
+        self._fused: Optional[FusedDecode] = None
+
+    def enable_fused_decode(self) -> bool:
+        """Run qualifying decode steps as one numba call (fused_decode.py); call once the weights
+        are loaded. -> whether this model qualifies (CPU, fp32, int4 or int8 projections)."""
+        self._fused = FusedDecode.build(self)
+        return self._fused is not None
 
     def build_rope(self) -> None:
         """(Re)build rope tables on the weights' device and dtype; call after `.to()`."""
@@ -64,28 +73,47 @@ class LlamaModel(nn.Module):
         # one numba call on CPU fp32 instead of F.rms_norm's ~10 aten ops (~30 us at batch 1)
         return cpu_ops.rms_norm(x, w, self.cfg.rms_norm_eps)
 
+    def _rope(self, qkv: torch.Tensor, positions: torch.Tensor,
+              tables: Optional[tuple[torch.Tensor, torch.Tensor]], layer: nn.Module
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q [T, H, D], k [T, K, D] rotated, v [T, K, D]. `tables` = cos, sin gathered at
+        `positions` for the torch path; None for the CPU kernel (the fused decode step runs the
+        same kernel)."""
+        cfg = self.cfg
+        t = qkv.shape[0]
+        if tables is None:
+            return cpu_ops.rope_qkv(qkv, positions, self.cos, self.sin, cfg.num_heads,
+                                    cfg.num_kv_heads, cfg.head_dim)
+        cos, sin = tables
+        qk_size = layer.q_size + layer.kv_size
+        # one rope call for q and k together: half the small-op overhead at batch 1
+        qk = apply_rope(qkv[:, :qk_size].view(t, -1, cfg.head_dim), cos, sin)  # [T, H+K, D]
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, K, D]
+        return q, k, qkv[:, qk_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
                 meta: AttentionMetadata, backend: AttentionBackend,
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
         t = input_ids.shape[0]
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        fused = self._fused
+        if fused is not None and logits_indices.shape[0] == t \
+                and fused.applies(meta, backend.name, kv, t):
+            return fused(input_ids, positions, kv, meta)  # same kernels, one call
+        if fused is not None:
+            fused.release_threads()
+        kernels = input_ids.device.type == "cpu" and self.cos.dtype == torch.float32
+        tables = None if kernels else (self.cos[positions], self.sin[positions])  # [T, D] each
         x = self.embed(input_ids)  # [T, E]
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.input_norm)  # [T, E]
             qkv = layer.qkv(h)  # [T, (H+2K)D]
-            qk_size = layer.q_size + layer.kv_size
-            # one rope call for q and k together: half the small-op overhead at batch 1
-            qk = apply_rope(qkv[:, :qk_size].view(t, -1, cfg.head_dim), cos, sin)  # [T, H+K, D]
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, K, D]
-            v = qkv[:, qk_size:].view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
+            q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
             kv.write(i, meta.slot_mapping, k, v)
             attn = backend.forward(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, H, D]
             x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
             h = self._rms(x, layer.post_norm)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [T, I] each
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.down(cpu_ops.silu_mul(layer.gate_up(h)))  # silu(gate) * up: [T, I]
         x = self._rms(x[logits_indices], self.norm)  # [R, E]
         return self.lm_head(x).float()  # [R, V]
 

@@ -54,12 +54,12 @@ from kvwise.model.quant.simd import (
 runtime.preload_tbb()
 
 ROWS_PER_TASK = 16  # rows per prange iteration: enough work per task, fine enough to balance
-_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
 
 
 # -- int8 ------------------------------------------------------------------------------------
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
 def _int8_row_to_f32(q, scale, o, w):
     """Row o of the int8 weight -> fp32 w [K]."""
     k = w.shape[0]
@@ -140,7 +140,7 @@ def int8_dequant(q, scale, row0, out):
 
 # -- int4 ------------------------------------------------------------------------------------
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
 def _group_sums(x, t, num_groups, out):
     """out[g] = sum of x[t] over input group g (fixed pairwise order)."""
     k = x.shape[1]
@@ -270,7 +270,7 @@ def int4_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray, minv: np.ndarra
         _int4_gemm_small(x, q, scale, minv, bias, out)
 
 
-@njit(fastmath=True, cache=True, nogil=True, inline="always")
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
 def _int4_row_to_f32(q, scale, minv, o, w):
     """Row o of the int4 weight -> fp32 w [K] (q * s + m, one fused multiply-add)."""
     k = w.shape[0]

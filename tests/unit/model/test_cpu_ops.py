@@ -26,3 +26,40 @@ def test_rms_norm_falls_back_for_other_dtypes():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     w = torch.ones(16, dtype=torch.bfloat16)
     assert torch.equal(cpu_ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
+
+
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_rope_qkv_matches_torch_rope(t):
+    """Kernel vs rope.apply_rope (the torch path): same products and sum, so equal to rounding of
+    the one fused multiply-add torch may use; positions index the tables per token."""
+    from kvwise.model.rope import apply_rope, rope_tables
+
+    h, k, d = 3, 1, 16
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(t, (h + 2 * k) * d, generator=g)
+    positions = torch.randint(0, 50, (t,), generator=g)
+    cos, sin = rope_tables(d, 10000.0, None, 50, torch.float32, torch.device("cpu"))
+    q, kk, v = cpu_ops.rope_qkv(qkv, positions, cos, sin, h, k, d)
+    ref = apply_rope(qkv[:, :(h + k) * d].view(t, h + k, d), cos[positions], sin[positions])
+    assert torch.allclose(q, ref[:, :h], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(kk, ref[:, h:], rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, qkv[:, (h + k) * d:].view(t, k, d))
+
+
+@pytest.mark.parametrize("t", [1, 64, 100])
+def test_silu_mul_matches_torch(t):
+    g = torch.Generator().manual_seed(t)
+    gu = torch.randn(t, 2 * 48, generator=g) * 4
+    gate, up = gu.chunk(2, dim=-1)
+    got = cpu_ops.silu_mul(gu)
+    assert torch.allclose(got, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    # rows are independent: the serial (t < 64) and parallel kernels agree row by row
+    assert torch.equal(cpu_ops.silu_mul(gu[:1].contiguous())[0], got[0])
+
+
+def test_silu_mul_keeps_nonfinite_values_instead_of_raising():
+    """IEEE semantics inside the kernels (error_model="numpy"): a NaN or inf activation must not
+    raise ZeroDivisionError out of an engine step."""
+    gu = torch.tensor([[float("nan"), float("-inf"), 1.0, 1.0]])
+    out = cpu_ops.silu_mul(gu)
+    assert torch.isnan(out[0, 0])
