@@ -20,12 +20,17 @@ import torch
 from numba import njit, prange
 
 from kvwise.model.quant import runtime
-from kvwise.model.quant.simd import vfma, vload, vsplat, vstore, vsum, vzero
+from kvwise.model.quant.simd import vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 runtime.preload_tbb()
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
+# No reassociation or contraction of the scalar math (vector FMAs are explicit): the kernel's
+# bits then do not depend on the context LLVM inlines it into (the fused decode step or not).
+_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]
@@ -36,10 +41,13 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
         b = task // k_count
         kh = task % k_count
         n = lens[b]
-        scores = np.empty((group, n), np.float32)
+        offs = np.empty(n, np.int64)  # flat offset of (pos, kh) in the caches, looked up once
         for pos in range(n):
             slot = block_ids[b * nb + pos // block_size] * block_size + pos % block_size
-            ko = slot * row + kh * d
+            offs[pos] = slot * row + kh * d
+        scores = np.empty((group, n), np.float32)
+        for pos in range(n):
+            ko = offs[pos]
             for g in range(group):
                 qo = (b * h_count + kh * group + g) * d
                 acc = vzero()
@@ -55,16 +63,14 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
                 e = np.exp(scores[g, pos] - m)
                 scores[g, pos] = e
                 total += e
-            inv = np.float32(1.0) / total
+            inv = vsplat(np.float32(1.0) / total)
             oo = (b * h_count + kh * group + g) * d
+            # one 16-lane slice of the output at a time, accumulated in a register over positions
             for i in range(0, d, 16):
-                vstore(out, oo + i, vzero())
-            for pos in range(n):
-                slot = block_ids[b * nb + pos // block_size] * block_size + pos % block_size
-                vo = slot * row + kh * d
-                p = vsplat(scores[g, pos] * inv)
-                for i in range(0, d, 16):
-                    vstore(out, oo + i, vfma(p, vload(v_cache, vo + i), vload(out, oo + i)))
+                acc = vzero()
+                for pos in range(n):
+                    acc = vfma(vsplat(scores[g, pos]), vload(v_cache, offs[pos] + i), acc)
+                vstore(out, oo + i, vmul(acc, inv))
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -54,6 +54,9 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
     if device.type == "cpu":
         cpu_ops.warmup()
         model.enable_fused_decode()
+        for module in model.modules():
+            if hasattr(module, "build_bf16"):  # quantized projections: large-T GEMMs in bf16
+                module.build_bf16()
     return model, loaded.tokenizer, mc, loaded.source
 
 

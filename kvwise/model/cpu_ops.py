@@ -25,11 +25,14 @@ from kvwise.model.quant.simd import vfma, vload, vmul, vsplat, vstore, vsum, vze
 
 runtime.preload_tbb()
 _PARALLEL_MIN_ROWS = 64  # below this, one thread: the launch costs more than the work
-# fastmath without contraction: rope's products and sum round like torch's separate mul and add
-_NO_CONTRACT = {"nnan", "ninf", "nsz", "arcp", "afn", "reassoc"}
+SILU_KERNEL_MAX_ROWS = 16  # = quant.dispatch.SMALL_BATCH_MAX: the fused decode step's sizes
+# fastmath without reassociation or contraction: rope's products and sum round like torch's
+# separate mul and add, and no kernel's bits depend on the context LLVM inlines it into (the
+# fused decode step or a direct call); explicit vector FMAs (simd.py) are unaffected.
+_NO_CONTRACT = {"nnan", "ninf", "nsz", "arcp"}
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy", inline="always")
 def _rms_row(x, w, eps, out, r):
     # explicit 16-lane vectors (fixed summation order): the same bits whichever kernel inlines it
     e = x.shape[1]
@@ -49,13 +52,13 @@ def _rms_row(x, w, eps, out, r):
         out[r, i] = (x[r, i] * inv) * w[i]
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+@njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy")
 def rms_norm_serial(x, w, eps, out):
     for r in range(x.shape[0]):
         _rms_row(x, w, eps, out, r)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
+@njit(parallel=True, fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy")
 def _rms_norm_parallel(x, w, eps, out):
     for r in prange(x.shape[0]):
         _rms_row(x, w, eps, out, r)
@@ -90,7 +93,7 @@ def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
                 v_dst[r, j, i] = qkv[t, vbase + j * d + i]
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy", inline="always")
 def _silu_mul_row(gu, out, r):
     n = out.shape[1]
     for i in range(n):
@@ -98,16 +101,10 @@ def _silu_mul_row(gu, out, r):
         out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, n + i]
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+@njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy")
 def silu_mul_serial(gu, out):
     """gu [T, 2I] (gate | up) -> out [T, I] = silu(gate) * up."""
     for r in range(gu.shape[0]):
-        _silu_mul_row(gu, out, r)
-
-
-@njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-def _silu_mul_parallel(gu, out):
-    for r in prange(gu.shape[0]):
         _silu_mul_row(gu, out, r)
 
 
@@ -142,13 +139,15 @@ def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """gu [T, 2I] fp32 contiguous (gate | up) -> silu(gate) * up [T, I]."""
-    if not supported(gu):
+    """gu [T, 2I] fp32 contiguous (gate | up) -> silu(gate) * up [T, I].
+
+    The kernel (scalar expf) serves T <= SILU_KERNEL_MAX_ROWS, the decode sizes that the fused
+    decode step also runs; larger T use torch's vectorized silu (10-20x faster per element)."""
+    if not supported(gu) or gu.shape[0] > SILU_KERNEL_MAX_ROWS:
         gate, up = gu.chunk(2, dim=-1)
         return F.silu(gate) * up
     out = torch.empty(gu.shape[0], gu.shape[1] // 2)
-    kernel = _silu_mul_parallel if gu.shape[0] >= _PARALLEL_MIN_ROWS else silu_mul_serial
-    kernel(gu.numpy(), out.numpy())
+    silu_mul_serial(gu.numpy(), out.numpy())
     return out
 
 

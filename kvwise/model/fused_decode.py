@@ -42,8 +42,12 @@ from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 from kvwise.model.quant.int4 import Int4Linear
 from kvwise.model.quant.int8 import Int8Linear
 
+# no reassociation or contraction: LLVM may inline these glue functions and the kernels' scalar
+# tails into one another, and must not then round differently from the per-op path
+_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _linear(x, w, is_int4, out):
     """out [T, N] = x [T, K] @ W.T for one quantized layer w = (q, scale, minv, bias); int8 codes
     arrive as uint8 bits (the kernels load them as signed bytes)."""
@@ -59,14 +63,14 @@ def _linear(x, w, is_int4, out):
         kernels._int8_gemm_small(x, q, scale, bias, out)
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _add(x, y):
     for t in range(x.shape[0]):
         for i in range(x.shape[1]):
             x[t, i] = x[t, i] + y[t, i]
 
 
-@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _step(tokens, positions, slots, block_ids, lens, block_size, attn_scale, eps, embed, cos,
           sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w, down_w, head_w, dec_int4,
           head_int4, k_cache, v_cache, num_heads, x, h, qkv, q, attn, tmp, gu, act, logits):

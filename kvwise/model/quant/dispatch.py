@@ -2,15 +2,22 @@
 
 - CPU, T <= SMALL_BATCH_MAX tokens (decode): the fused kernel (kernels.py) reads the packed
   weights once; single-stream decode is memory-bound, so fewer bytes per weight is the speed-up.
-- CPU, larger T (prefill): compute-bound; fp32 is the fast path on this CPU (torch/MKL sgemm,
-  ~140-190 GFLOP/s on 2 cores), so rows are dequantized chunk by chunk into one reusable fp32
-  scratch buffer (a few MB, stays in cache) and multiplied with torch.mm.
+- CPU, larger T (prefill, big decode batches): compute-bound. On a CPU with native bf16 dot
+  products (AVX512-BF16 or AMX, `BF16_NATIVE`) the layer keeps a bf16 copy of its dequantized
+  weight (2 B/weight, built once by `build_bf16`) and runs a bf16 GEMM with fp32 accumulation
+  (oneDNN): measured 2.0-2.4x the fp32 sgemm on 2 Zen 4 cores (~400 vs ~165 GFLOP/s), and
+  +0.15% perplexity on pydoc topics against fp32 activations. Rounding activations to int8 per
+  token for torch._int_mm (~800 GOP/s) cost +4.7% perplexity (activation outliers) and is not
+  used. Without native bf16, rows are dequantized chunk by chunk into one reusable fp32 scratch
+  buffer (a few MB, stays in cache) and multiplied with torch.mm.
 - Any other device: the PyTorch reference (dequantize, then F.linear). Not verified on a GPU.
 
 Invariants:
 - `Workspace` is the one piece of runtime state the quantized layers of a model share (scratch
   buffer, kernel thread count); it is created by the model builder and passed in explicitly.
 - Output is fp32 [T, N] on CPU; the caller casts to the activation dtype.
+- The bf16 copy is derived from the packed weight (never loaded separately) and is not a buffer:
+  it does not move with `.to()` and is dropped when the layer leaves the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +29,18 @@ from typing import Optional
 import numpy as np
 import torch
 
+
+def _bf16_native() -> bool:
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover - platforms without feature detection
+        return False
+    return bool(feats.get("avx512bf16") or feats.get("amx-bf16"))
+
+
+BF16_NATIVE = _bf16_native()
 SMALL_BATCH_MAX = 16  # measured crossover of the fused kernel vs dequantize + sgemm (int4/int8)
 CHUNK_ELEMS = 1 << 20  # fp32 elements of weight dequantized per sgemm call (4 MiB)
 
@@ -66,6 +85,15 @@ def dequant_matmul(x: torch.Tensor, out_features: int,
         w = workspace.scratch((r1 - r0) * k).view(r1 - r0, k)  # [R, K]
         dequant_rows(r0, w.numpy())
         torch.mm(x, w.t(), out=out[:, r0:r1])
+    if bias is not None:
+        out += bias
+    return out
+
+
+def bf16_matmul(x: torch.Tensor, weight_bf16: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x fp32 [T, K] @ weight_bf16 [N, K].T in bf16 with fp32 accumulation -> fp32 [T, N]."""
+    out = torch.nn.functional.linear(x.bfloat16(), weight_bf16).float()
     if bias is not None:
         out += bias
     return out

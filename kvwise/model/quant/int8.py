@@ -23,8 +23,10 @@ from torch import nn
 from kvwise.model.quant import kernels, reference
 from kvwise.model.quant.convert import Int8Weight
 from kvwise.model.quant.dispatch import (
+    BF16_NATIVE,
     SMALL_BATCH_MAX,
     Workspace,
+    bf16_matmul,
     dequant_matmul,
     restore_shape,
 )
@@ -45,6 +47,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         self.workspace = workspace or Workspace()
         self._arrays: tuple[np.ndarray, ...] = ()
+        self.weight_bf16: Optional[torch.Tensor] = None  # [N, K], see build_bf16
         self._refresh_arrays()
 
     def extra_repr(self) -> str:
@@ -61,9 +64,17 @@ class Int8Linear(nn.Module):
         `.to()` / `._apply` may have replaced a buffer."""
         if self.qweight.device.type != "cpu":
             self._arrays = ()
+            self.weight_bf16 = None
             return
         bias = self.bias if self.bias is not None else torch.empty(0)
         self._arrays = (self.qweight.numpy(), self.scale.numpy().view(np.uint16), bias.numpy())
+
+    def build_bf16(self) -> bool:
+        """Keep a bf16 copy of the dequantized weight for large-T GEMMs on a CPU with native bf16
+        (dispatch.py). -> whether the copy exists."""
+        if BF16_NATIVE and self.qweight.device.type == "cpu" and self.weight_bf16 is None:
+            self.weight_bf16 = reference.dequantize_int8(self.qweight, self.scale).bfloat16()
+        return self.weight_bf16 is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.group_size % 32:
@@ -76,6 +87,8 @@ class Int8Linear(nn.Module):
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)
             kernels.int8_matmul(x2.numpy(), q, scale, bias, out.numpy())
+        elif self.weight_bf16 is not None:
+            out = bf16_matmul(x2, self.weight_bf16, self.bias)
         else:
             out = dequant_matmul(x2, self.out_features,
                                  lambda row0, buf: kernels.int8_dequant(q, scale, row0, buf),
