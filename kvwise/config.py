@@ -79,7 +79,8 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.device.split(":")[0] not in DEVICES:
-            raise bad("device", f"must be one of {DEVICES} (optionally cuda:N), got {self.device!r}")
+            raise bad("device",
+                      f"must be one of {DEVICES} (optionally cuda:N), got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise bad("threads", f"must be >= 1, got {self.threads}")
         if self.weight_dtype not in WEIGHT_DTYPES:

@@ -73,7 +73,8 @@ class SamplingParams:
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            raise bad("logprobs",
+                      f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         for s in self.stop_list:
             if not isinstance(s, str) or s == "":
                 raise bad("stop", "stop strings must be non-empty strings")

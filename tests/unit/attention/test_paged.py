@@ -48,7 +48,8 @@ def test_paged_matches_reference(seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     decodes = [(rng.randrange(0, 40), 1) for _ in range(rng.randrange(0, 5))]
-    prefills = [(rng.choice([0, 0, 3, 8, 13]), rng.randrange(2, 20)) for _ in range(rng.randrange(0, 3))]
+    prefills = [(rng.choice([0, 0, 3, 8, 13]), rng.randrange(2, 20))
+                for _ in range(rng.randrange(0, 3))]
     if not decodes and not prefills:
         decodes = [(5, 1)]
     meta, t = _meta(decodes + prefills, num_blocks=64, rng=rng)

@@ -32,12 +32,14 @@ def test_chunked_prefill_splits_budget_fcfs():
     sched.add(a)
     sched.add(b)
     plan = sched.schedule()
-    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 7), ("b", 3)]
+    got = [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled]
+    assert got == [("a", 7), ("b", 3)]
     assert kv.block_table("a") == [0, 1] and kv.block_table("b") == [2]
     finish_step(sched, plan)
     plan = sched.schedule()
     # a decodes (1 token, first), b continues its prompt with the remaining budget
-    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1), ("b", 6)]
+    got = [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled]
+    assert got == [("a", 1), ("b", 6)]
     assert plan.scheduled[1].samples and plan.scheduled[0].samples
 
 
