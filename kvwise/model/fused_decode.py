@@ -83,7 +83,7 @@ def _step(tokens, positions, slots, block_ids, lens, block_size, attn_scale, eps
         _linear(h, qkv_w[layer], dec_int4, qkv)
         cpu_ops.rope_split(qkv, positions, cos, sin, num_heads, q, k_cache[layer], v_cache[layer],
                            slots)
-        cpu_decode._decode_attention(q, k_cache[layer], v_cache[layer], block_ids, lens,
+        cpu_decode.decode_attention_into(q, k_cache[layer], v_cache[layer], block_ids, lens,
                                      block_size, attn_scale, attn)
         _linear(flat_attn, o_w[layer], dec_int4, tmp)
         _add(x, tmp)
