@@ -72,9 +72,14 @@ def test_quantized_perplexity_and_greedy_agreement(fp32_llm, quant_llms, prompts
     assert agree >= MIN_AGREEMENT[weight_dtype]
 
 
-def test_int4_greedy_is_batch_invariant(quant_llms, prompts):
-    """Alone == batched for quantized weights too (the fused kernels are row-order exact)."""
-    llm = quant_llms["int4"]
+def test_int4_greedy_is_batch_invariant(prompts):
+    """Alone == batched for quantized weights too: the decode kernels are row-order exact and the
+    bf16 GEMM of large steps computes each row independently of the others.
+
+    Prefix caching is off: a cache hit shrinks the uncached tail of a prompt to a step of <= 16
+    tokens, which runs the fp32-activation decode kernels instead of the bf16 GEMM, and the two
+    differ at bf16 precision (dispatch.py); greedy ties can then break differently."""
+    llm = LLM("smollm2-135m", weight_dtype="int4", enable_prefix_caching=False, **_engine_args())
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     assert _greedy(llm, prompts) == alone

@@ -16,6 +16,10 @@ Invariants:
 - `Workspace` is the one piece of runtime state the quantized layers of a model share (scratch
   buffer, kernel thread count); it is created by the model builder and passed in explicitly.
 - Output is fp32 [T, N] on CPU; the caller casts to the activation dtype.
+- Small and large steps differ at bf16 precision (~0.4% relative), so with quantized weights a
+  token's logits depend on whether its step had <= SMALL_BATCH_MAX tokens; prefix-cache hits and
+  chunked prefill change a prompt tail's step size. Rows within either path are independent of
+  the rest of the batch (batch invariance at fixed step sizes holds; tests check it).
 - The bf16 copy is derived from the packed weight (never loaded separately) and is not a buffer:
   it does not move with `.to()` and is dropped when the layer leaves the CPU.
 """

@@ -3,6 +3,8 @@
 Tolerances: the kernels dequantize exactly (same fp32 values as the reference) and differ only
 in the fp32 summation order of the dot products, so |kernel - ref| <= 1e-5 * max|ref| + 1e-5
 (K <= 1024; observed ~1e-7 relative). Dequantize kernels and GGUF block mappings are bit-exact.
+The bf16 large-T path is held to a bf16 bound (2^-7 relative to max|ref|: inputs and outputs
+rounded to 8 significant bits).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvwise.model.gguf_reader import RawTensor, dequantize
-from kvwise.model.quant import Int4Linear, Int8Linear, Workspace, kernels, reference
+from kvwise.model.quant import (
+    Int4Linear,
+    Int8Linear,
+    Workspace,
+    kernels,
+    reference,
+)
 from kvwise.model.quant.convert import (
     int4_from_gguf,
     int4_group_size,
@@ -25,7 +33,7 @@ from kvwise.model.quant.convert import (
     to_int4,
     to_int8,
 )
-from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
+from kvwise.model.quant.dispatch import BF16_NATIVE, SMALL_BATCH_MAX
 
 RTOL = 1e-5
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -147,6 +155,31 @@ def test_layers_match_reference_on_every_path(kind, t):
     x3 = x.view(1, t, k).to(torch.bfloat16)  # any leading shape and activation dtype
     y3 = layer(x3)
     assert y3.shape == (1, t, n) and y3.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not BF16_NATIVE, reason="no native bf16 on this CPU: the layers keep fp32")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_bf16_large_batch_path(kind):
+    """T > SMALL_BATCH_MAX with the bf16 copy: close to the exact reference at bf16 precision,
+    and each row independent of the rest of the batch."""
+    torch.manual_seed(1)
+    n, k, t = 300, 576, 40
+    w = torch.randn(n, k) * 0.05
+    bias = torch.randn(n)
+    if kind == "int8":
+        qw = quantize_int8(w)
+        layer = Int8Linear(qw, bias, Workspace(2))
+        exact = lambda x: reference.int8_linear(x, qw.q, qw.scale, bias)  # noqa: E731
+    else:
+        qw = quantize_int4(w, 64)
+        layer = Int4Linear(qw, bias, Workspace(2))
+        exact = lambda x: reference.int4_linear(x, qw.q, qw.scale, qw.minv, bias)  # noqa: E731
+    assert layer.build_bf16() and layer.weight_bf16.dtype == torch.bfloat16
+    x = torch.randn(t, k)
+    got, ref = layer(x), exact(x)
+    err = (got - ref).abs().max().item()
+    assert err <= 2 ** -7 * ref.abs().max().item(), err
+    assert err > 0  # it really took the bf16 path
 
 
 def test_pack_unpack_roundtrip_and_gguf_order():
