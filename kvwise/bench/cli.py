@@ -56,6 +56,12 @@ def _peers(value: str) -> list[str]:
     return names
 
 
+def add_weight_dtypes_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight-dtypes", default=None, metavar="LIST",
+                        help="measure kvwise once per weight dtype, e.g. fp32,int8,int4 "
+                             "(engines kvwise-<dtype>); default: one run with --weight-dtype")
+
+
 def add_common_bench_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every bench kind: repetitions, peers, outputs and the engine flags."""
     parser.add_argument("--runs", type=int, default=5, help="measured runs per configuration")
@@ -76,6 +82,7 @@ def _add_latency(kinds: Any) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens generated (N)")
     p.add_argument("--decode-prompt-len", type=int, default=32, help="decode prompt tokens")
     p.add_argument("--prefill-len", type=int, default=1024, help="prefill prompt tokens")
+    add_weight_dtypes_arg(p)
     add_common_bench_args(p)
     p.set_defaults(func=run_latency)
 
@@ -85,6 +92,7 @@ def _add_throughput(kinds: Any) -> None:
     p.add_argument("--num-requests", type=int, default=64, help="requests submitted together")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    add_weight_dtypes_arg(p)
     add_common_bench_args(p)
     p.set_defaults(func=run_throughput)
 
@@ -122,8 +130,10 @@ def _engine_kwargs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool) -> list[str]:
     notes = []
     if "llamacpp" in engines:
-        notes.append(f"llamacpp computes on the GGUF's quantized weights; kvwise ({dtype}) and hf "
-                     "(float32) on weights dequantized from the same GGUF.")
+        notes.append(f"llamacpp computes on the GGUF's quantized weights; kvwise (activations "
+                     f"{dtype}) and hf (float32) on weights dequantized from the same GGUF, "
+                     "kvwise-int8/int4 on int8/int4 weights built from its Q4_1/Q8_0 blocks "
+                     "(fp32 activations at <= 16 tokens per step, bf16 GEMMs above).")
     if bench == "latency" and "hf" in engines:
         notes.append("hf prefill = one forward pass (use_cache, logits_to_keep=1) + argmax; "
                      "hf decode is timed per token with a streamer inside generate().")
@@ -150,7 +160,18 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
     except KvwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engines = ([] if args.skip_kvwise else ["kvwise"]) + list(args.peers)
+    dtypes = [d for d in (getattr(args, "weight_dtypes", None) or "").split(",") if d]
+    if dtypes:
+        for d in dtypes:  # validate all before any model loads
+            try:
+                EngineConfig.from_kwargs(**{**engine_kwargs, "weight_dtype": d})
+            except KvwiseError as e:
+                print(f"error: --weight-dtypes: {e}", file=sys.stderr)
+                return 2
+        kvwise_engines = [f"kvwise-{d}" for d in dtypes]
+    else:
+        kvwise_engines = ["kvwise"]
+    engines = ([] if args.skip_kvwise else kvwise_engines) + list(args.peers)
     _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}")
     corpus = build_corpus(load_encoder(files), workload.tokens_needed(args.warmup + args.runs))
     results: list[report.Result] = []
@@ -169,11 +190,16 @@ def _measure_engine(name: str, engine_kwargs: dict[str, Any], files: ModelFiles,
                     workload: Workload, corpus: Any, args: argparse.Namespace,
                     measure_fn: Callable[..., list[report.Result]]) -> list[report.Result]:
     _log(f"loading {name}")
+    factory = RUNNERS[name]
+    if name.startswith("kvwise-"):  # one kvwise configuration per --weight-dtypes entry
+        factory = RUNNERS["kvwise"]
+        engine_kwargs = {**engine_kwargs, "weight_dtype": name.split("-", 1)[1]}
     try:
-        runner = RUNNERS[name](engine_kwargs, files, threads, workload.max_context)
+        runner = factory(engine_kwargs, files, threads, workload.max_context)
     except PeerUnavailable as e:
         print(report.skip_line(name, str(e)), flush=True)
         return []
+    runner.name = name
     try:
         _log(f"measuring {name}: {args.warmup} warm-up + {args.runs} runs")
         results = measure_fn(runner, workload, corpus, args.runs, args.warmup)

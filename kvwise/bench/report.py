@@ -73,19 +73,28 @@ def parse_line(line: str) -> dict[str, str]:
     return fields
 
 
+def is_kvwise(engine: str) -> bool:
+    """"kvwise" or a labelled kvwise configuration such as "kvwise-int8"."""
+    return engine == BASELINE or engine.startswith(BASELINE + "-")
+
+
 def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
-    """peer -> short metric -> kvwise median / peer median (> 1: kvwise is faster)."""
-    base = {r.metric: r.median for r in results if r.engine == BASELINE}
+    """"<kvwise config>/<peer>" -> short metric -> kvwise median / peer median (> 1: kvwise is
+    faster), for every kvwise configuration against every peer."""
     out: dict[str, dict[str, float]] = {}
-    for r in results:
-        if r.engine != BASELINE and r.metric in base and r.median > 0:
-            out.setdefault(r.engine, {})[r.short_metric] = base[r.metric] / r.median
+    configs = list(dict.fromkeys(r.engine for r in results if is_kvwise(r.engine)))
+    for config in configs:
+        base = {r.metric: r.median for r in results if r.engine == config}
+        for r in results:
+            if not is_kvwise(r.engine) and r.metric in base and r.median > 0:
+                out.setdefault(f"{config}/{r.engine}", {})[r.short_metric] = (
+                    base[r.metric] / r.median)
     return out
 
 
 def ratio_lines(results: list[Result]) -> list[str]:
-    return [f"ratio {BASELINE}/{peer} " + " ".join(f"{k}={v:.2f}" for k, v in by.items())
-            for peer, by in ratios(results).items()]
+    return [f"ratio {pair} " + " ".join(f"{k}={v:.2f}" for k, v in by.items())
+            for pair, by in ratios(results).items()]
 
 
 def cpu_model() -> str:
@@ -136,7 +145,7 @@ def _table(results: list[Result]) -> list[str]:
     header = ["engine"] + [f"{m} median (min-max)" for m in metrics] + ["runs", "note"]
     rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for e in engines:
-        cells = [f"**{e}**" if e == BASELINE else e]
+        cells = [f"**{e}**" if is_kvwise(e) else e]
         for m in metrics:
             r = by.get((e, m))
             cells.append("-" if r is None else
@@ -159,8 +168,8 @@ def markdown_section(bench: str, results: list[Result], *, command: str, workloa
         lines += ["", "| ratio (kvwise / peer, median) | "
                   + " | ".join(next(iter(rat.values())).keys()) + " |",
                   "|" + " --- |" * (1 + len(next(iter(rat.values()))))]
-        lines += [f"| kvwise/{peer} | " + " | ".join(f"{v:.2f}" for v in by.values()) + " |"
-                  for peer, by in rat.items()]
+        lines += [f"| {pair} | " + " | ".join(f"{v:.2f}" for v in by.values()) + " |"
+                  for pair, by in rat.items()]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     if chart_ref:
