@@ -190,10 +190,11 @@ def _measure_engine(name: str, engine_kwargs: dict[str, Any], files: ModelFiles,
                     workload: Workload, corpus: Any, args: argparse.Namespace,
                     measure_fn: Callable[..., list[report.Result]]) -> list[report.Result]:
     _log(f"loading {name}")
-    factory = RUNNERS[name]
     if name.startswith("kvwise-"):  # one kvwise configuration per --weight-dtypes entry
         factory = RUNNERS["kvwise"]
         engine_kwargs = {**engine_kwargs, "weight_dtype": name.split("-", 1)[1]}
+    else:
+        factory = RUNNERS[name]
     try:
         runner = factory(engine_kwargs, files, threads, workload.max_context)
     except PeerUnavailable as e:
