@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from kvwise.config import add_engine_args, engine_config_from_args
+from kvwise.config import EngineConfig, add_engine_args, engine_config_from_args
 from kvwise.errors import KvwiseError
 from kvwise.sampling_params import SamplingParams
 
@@ -163,6 +163,27 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_quant(args: argparse.Namespace) -> int:
+    from kvwise.eval.datasets import load_text
+    from kvwise.eval.quant_quality import measure
+
+    dtypes = [d for d in args.weight_dtypes.split(",") if d]
+    for d in dtypes:
+        EngineConfig.from_kwargs(weight_dtype=d)  # a clear error before any model loads
+
+    def make_llm(weight_dtype: str) -> Any:
+        return _make_llm(argparse.Namespace(**{**vars(args), "weight_dtype": weight_dtype}))
+
+    base, results = measure(make_llm, load_text(args.dataset), dtypes, args.context_len,
+                            args.num_chunks, args.num_prompts, args.prompt_len, args.max_tokens)
+    print(f"quant weight_dtype=fp32 ppl={base:.6f}")
+    for r in results:
+        print(f"quant weight_dtype={r.weight_dtype} ppl={r.ppl:.6f} rel_ppl={r.rel_ppl:+.4%} "
+              f"greedy_agreement={r.agreement:.4f} prompts={args.num_prompts} "
+              f"tokens={args.max_tokens}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-chunks", type=int, default=8)
     add_engine_args(e)
     e.set_defaults(func=cmd_eval_ppl)
+    e = esub.add_parser("quant", help="quantized weights vs fp32: perplexity and greedy agreement")
+    e.add_argument("--weight-dtypes", default="int8,int4", help="comma list to compare with fp32")
+    e.add_argument("--dataset", default="pydoc-topics", help="pydoc-topics | bible-kjv")
+    e.add_argument("--context-len", type=int, default=1024)
+    e.add_argument("--num-chunks", type=int, default=8)
+    e.add_argument("--num-prompts", type=int, default=8, help="greedy-agreement prompts")
+    e.add_argument("--prompt-len", type=int, default=32, help="tokens per agreement prompt")
+    e.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt")
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval_quant)
 
     _add_optional(sub, "kvwise.bench.cli", "add_bench_parser")
     _add_optional(sub, "kvwise.serving.cli", "add_serve_parser")

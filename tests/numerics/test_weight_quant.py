@@ -13,6 +13,7 @@ import pytest
 
 from kvwise import LLM, SamplingParams
 from kvwise.eval.perplexity import perplexity
+from kvwise.eval.quant_quality import agreement_prompts, greedy, prefix_agreement
 from tests.conftest import pydoc_text
 
 CONTEXT, CHUNKS = 256, 2
@@ -33,24 +34,11 @@ def fp32_llm():
 @pytest.fixture(scope="module")
 def prompts(fp32_llm):
     ids = fp32_llm.get_tokenizer().encode(pydoc_text(), add_special_tokens=False)
-    step = len(ids) // (NUM_PROMPTS + 1)
-    return [ids[(i + 1) * step:(i + 1) * step + PROMPT_LEN] for i in range(NUM_PROMPTS)]
+    return agreement_prompts(ids, NUM_PROMPTS, PROMPT_LEN)
 
 
 def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Fraction of positions equal before the first divergence, over all sequences."""
-    same = 0
-    for x, y in zip(a, b):
-        for u, v in zip(x, y):
-            if u != v:
-                break
-            same += 1
-    return same / sum(len(x) for x in a)
+    return greedy(llm, prompts, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +53,7 @@ def test_quantized_perplexity_and_greedy_agreement(fp32_llm, quant_llms, prompts
     llm = quant_llms[weight_dtype]
     ppl = perplexity(llm.engine, text, CONTEXT, CHUNKS).ppl
     rel = ppl / base - 1
-    agree = _agreement(_greedy(llm, prompts), _greedy(fp32_llm, prompts))
+    agree = prefix_agreement(_greedy(llm, prompts), _greedy(fp32_llm, prompts))
     print(f"{weight_dtype}: ppl {ppl:.4f} vs fp32 {base:.4f} ({rel:+.3%}); "
           f"greedy agreement {agree:.0%}")
     assert rel <= PPL_BOUNDS[weight_dtype]
