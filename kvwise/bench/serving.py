@@ -205,8 +205,11 @@ def _notes(args: argparse.Namespace, workload: ServeWorkload, engines: list[str]
     notes = [SERVERS[name].note for name in engines]
     if "llamacpp" in engines:
         dtype = args.dtype or EngineConfig().dtype
-        notes.append(f"llamacpp computes on the GGUF's quantized weights, kvwise ({dtype}) on "
-                     "weights dequantized from the same GGUF.")
+        wd = getattr(args, "weight_dtype", None) or EngineConfig().weight_dtype
+        weights = ("weights dequantized from the same GGUF" if wd == "fp32" else
+                   f"{wd} weights built from the same GGUF's blocks")
+        notes.append(f"llamacpp computes on the GGUF's quantized weights, kvwise ({dtype} "
+                     f"activations) on {weights}.")
     notes += [f"every server runs with {threads} threads on the machine that also runs this "
               "load generator; each gets one unmeasured warm-up request first.",
               "max sustainable rate: attainment is linearly interpolated between the last swept "
