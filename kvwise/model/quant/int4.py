@@ -16,16 +16,15 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from kvwise.model.quant import kernels, reference
+from kvwise.model.quant.base import QuantLinear
 from kvwise.model.quant.convert import Int4Weight
 from kvwise.model.quant.dispatch import (
-    BF16_NATIVE,
     SMALL_BATCH_MAX,
     Workspace,
     bf16_matmul,
@@ -34,13 +33,12 @@ from kvwise.model.quant.dispatch import (
 )
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantLinear):
+    kind = "int4"
+
     def __init__(self, weight: Int4Weight, bias: Optional[torch.Tensor] = None,
                  workspace: Optional[Workspace] = None) -> None:
-        super().__init__()
-        self.out_features = weight.q.shape[0]
-        self.in_features = weight.q.shape[1] * 2
-        self.group_size = weight.group_size
+        super().__init__(weight.q.shape[1] * 2, weight.q.shape[0], weight.group_size, workspace)
         if self.group_size % reference.SUB_BLOCK or self.in_features % self.group_size:
             raise ValueError(f"int4 group size {self.group_size} must be a multiple of "
                              f"{reference.SUB_BLOCK} dividing in_features={self.in_features}")
@@ -49,46 +47,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("minv", weight.minv.half().contiguous())  # [N, G] fp16
         self.bias: Optional[torch.Tensor]
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
-        self.workspace = workspace or Workspace()
-        self._arrays: tuple[np.ndarray, ...] = ()
-        self.weight_bf16: Optional[torch.Tensor] = None  # [N, K], see build_bf16
         self._refresh_arrays()
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "
-                f"group_size={self.group_size}")
+    def _cpu_arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.qweight.numpy(), self.scale.numpy().view(np.uint16),
+                self.minv.numpy().view(np.uint16), self._bias_array())
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
-        super()._apply(fn, recurse)
-        self._refresh_arrays()
-        return self
-
-    def _refresh_arrays(self) -> None:
-        """Numpy views of the CPU buffers for the kernels (fp16 as uint16 bits); rebuilt whenever
-        `.to()` / `._apply` may have replaced a buffer."""
-        if self.qweight.device.type != "cpu":
-            self._arrays = ()
-            self.weight_bf16 = None
-            return
-        bias = self.bias if self.bias is not None else torch.empty(0)
-        self._arrays = (self.qweight.numpy(), self.scale.numpy().view(np.uint16),
-                        self.minv.numpy().view(np.uint16), bias.numpy())
-
-    def build_bf16(self) -> bool:
-        """Keep a bf16 copy of the dequantized weight for large-T GEMMs on a CPU with native bf16
-        (dispatch.py). -> whether the copy exists."""
-        if BF16_NATIVE and self.qweight.device.type == "cpu" and self.weight_bf16 is None:
-            w = reference.dequantize_int4(self.qweight, self.scale, self.minv)  # [N, K] fp32
-            self.weight_bf16 = w.bfloat16()
-        return self.weight_bf16 is not None
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize_int4(self.qweight, self.scale, self.minv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return reference.int4_linear(x, self.qweight, self.scale, self.minv, self.bias)
-        x2 = x.reshape(-1, self.in_features)  # [T, K]
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        self.workspace.use_threads()
+        x2 = self._cpu_input(x)  # [T, K]
         q, scale, minv, bias = self._arrays
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)

@@ -14,16 +14,15 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from kvwise.model.quant import kernels, reference
+from kvwise.model.quant.base import QuantLinear
 from kvwise.model.quant.convert import Int8Weight
 from kvwise.model.quant.dispatch import (
-    BF16_NATIVE,
     SMALL_BATCH_MAX,
     Workspace,
     bf16_matmul,
@@ -32,12 +31,13 @@ from kvwise.model.quant.dispatch import (
 )
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantLinear):
+    kind = "int8"
+
     def __init__(self, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
                  workspace: Optional[Workspace] = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.q.shape
-        self.group_size = weight.group_size
+        n, k = weight.q.shape
+        super().__init__(k, n, weight.group_size, workspace)
         if self.group_size * weight.scale.shape[1] != self.in_features:
             raise ValueError(f"int8 scale {tuple(weight.scale.shape)} does not divide "
                              f"in_features={self.in_features}")
@@ -45,44 +45,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", weight.scale.half().contiguous())  # [N, G] fp16
         self.bias: Optional[torch.Tensor]
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
-        self.workspace = workspace or Workspace()
-        self._arrays: tuple[np.ndarray, ...] = ()
-        self.weight_bf16: Optional[torch.Tensor] = None  # [N, K], see build_bf16
         self._refresh_arrays()
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
-                f"group_size={self.group_size}")
+    def _cpu_arrays(self) -> tuple[np.ndarray, ...]:
+        return self.qweight.numpy(), self.scale.numpy().view(np.uint16), self._bias_array()
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
-        super()._apply(fn, recurse)
-        self._refresh_arrays()
-        return self
-
-    def _refresh_arrays(self) -> None:
-        """Numpy views of the CPU buffers for the kernels (fp16 as uint16 bits); rebuilt whenever
-        `.to()` / `._apply` may have replaced a buffer."""
-        if self.qweight.device.type != "cpu":
-            self._arrays = ()
-            self.weight_bf16 = None
-            return
-        bias = self.bias if self.bias is not None else torch.empty(0)
-        self._arrays = (self.qweight.numpy(), self.scale.numpy().view(np.uint16), bias.numpy())
-
-    def build_bf16(self) -> bool:
-        """Keep a bf16 copy of the dequantized weight for large-T GEMMs on a CPU with native bf16
-        (dispatch.py). -> whether the copy exists."""
-        if BF16_NATIVE and self.qweight.device.type == "cpu" and self.weight_bf16 is None:
-            self.weight_bf16 = reference.dequantize_int8(self.qweight, self.scale).bfloat16()
-        return self.weight_bf16 is not None
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize_int8(self.qweight, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.group_size % 32:
             return reference.int8_linear(x, self.qweight, self.scale, self.bias)
-        x2 = x.reshape(-1, self.in_features)  # [T, K]
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        self.workspace.use_threads()
+        x2 = self._cpu_input(x)  # [T, K]
         q, scale, bias = self._arrays
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)
