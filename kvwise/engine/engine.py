@@ -195,6 +195,13 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        fused = getattr(self.model, "_fused", None)
+        if fused is not None and not self.has_unfinished_requests():
+            fused.release_threads()  # idle: give the caller back torch's configured thread count
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []

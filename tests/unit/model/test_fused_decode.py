@@ -60,3 +60,10 @@ def test_fused_step_equals_per_op_path(llm):
     assert len(logits) == len(ref_logits)
     for got, ref in zip(logits + logits_alone, ref_logits + ref_logits_alone):
         assert torch.equal(got, ref)
+
+
+def test_torch_threads_restored_when_engine_goes_idle(llm):
+    """Fused steps run torch on one thread; once nothing is left to run, the engine's count is
+    back for the caller's own torch code."""
+    _run(llm, PROMPTS[:2])
+    assert torch.get_num_threads() == llm.engine.model._fused.threads == 2
