@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -238,21 +238,7 @@ def _publish(args: argparse.Namespace, results: list[report.Result], threads: in
     workload = (f"decode attention of one layer, {args.num_requests} requests, H=9 K=3 D=64 "
                 f"S=16 fp32; shared_n: an n-token shared prefix + {args.private_len} own tokens "
                 f"each; distinct_n: same lengths, nothing shared; microseconds per call")
-    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{BENCH}.png")
-    if chart.lower() == "none":
-        chart = None
-    if chart is not None:
-        title = (f"kvwise bench attention: {args.num_requests} decode requests, one layer\n"
-                 f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
-        report.write_chart(chart, BENCH, results, title, log_scale=True,
-                           ylabel="microseconds per call (median, log scale)")
-    md = args.output_md
-    if md and md.lower() != "none":
-        chart_ref = None
-        if chart is not None:
-            chart_ref = os.path.relpath(os.path.abspath(chart),
-                                        os.path.dirname(os.path.abspath(md)))
-        command = getattr(args, "command_line", None) or report.command_line()
-        section = report.markdown_section(BENCH, results, command=command, workload=workload,
-                                          threads=threads, chart_ref=chart_ref, notes=notes)
-        report.update_markdown(md, BENCH, section)
+    report.publish(BENCH, args, results,
+                   title=f"kvwise bench attention: {args.num_requests} decode requests, one layer",
+                   workload=workload, threads=threads, notes=notes, log_scale=True,
+                   ylabel="microseconds per call (median, log scale)")

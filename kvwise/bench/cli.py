@@ -217,26 +217,10 @@ def _publish(bench: str, args: argparse.Namespace, results: list[report.Result],
              workload: Workload, threads: int, notes: list[str]) -> None:
     if not results:
         return
-    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{bench}.png")
-    if chart.lower() == "none":
-        chart = None
-    if chart is not None:
-        title = (f"kvwise bench {bench}: {workload.short()}\n"
-                 f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
-        report.write_chart(chart, bench, results, title)
-        _log(f"wrote {chart}")
-    md = args.output_md
-    if md and md.lower() != "none":
-        chart_ref = None
-        if chart is not None:
-            chart_ref = os.path.relpath(os.path.abspath(chart),
-                                        os.path.dirname(os.path.abspath(md)))
-        command = getattr(args, "command_line", None) or report.command_line()
-        section = report.markdown_section(bench, results, command=command,
-                                          workload=workload.describe(), threads=threads,
-                                          chart_ref=chart_ref, notes=notes)
-        report.update_markdown(md, bench, section)
-        _log(f"updated {md}")
+    for path in report.publish(bench, args, results, title=f"kvwise bench {bench}: "
+                               f"{workload.short()}", workload=workload.describe(),
+                               threads=threads, notes=notes):
+        _log(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

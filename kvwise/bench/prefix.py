@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from kvwise.bench import report
 from kvwise.bench.workloads import TokenCorpus, build_corpus, load_encoder, resolve_model
@@ -206,22 +206,8 @@ def run_prefix_bench(args: argparse.Namespace) -> int:
 
 def _publish(args: argparse.Namespace, results: list[report.Result], workload: PrefixWorkload,
              threads: int, notes: list[str]) -> None:
-    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{BENCH}.png")
-    if chart.lower() == "none":
-        chart = None
-    if chart is not None:
-        title = (f"kvwise bench prefix: {workload.num_requests} requests, "
-                 f"{workload.prefix_len}-token shared prefix\n"
-                 f"{threads} threads, {report.cpu_model()}, median of {args.runs} runs")
-        report.write_chart(chart, BENCH, results, title, ylabel="median (MiB | tok/s)")
-    md = args.output_md
-    if md and md.lower() != "none":
-        chart_ref = None
-        if chart is not None:
-            chart_ref = os.path.relpath(os.path.abspath(chart),
-                                        os.path.dirname(os.path.abspath(md)))
-        command = getattr(args, "command_line", None) or report.command_line()
-        section = report.markdown_section(BENCH, results, command=command,
-                                          workload=workload.describe(), threads=threads,
-                                          chart_ref=chart_ref, notes=notes)
-        report.update_markdown(md, BENCH, section)
+    report.publish(BENCH, args, results,
+                   title=f"kvwise bench prefix: {workload.num_requests} requests, "
+                         f"{workload.prefix_len}-token shared prefix",
+                   workload=workload.describe(), threads=threads, notes=notes,
+                   ylabel="median (MiB | tok/s)")

@@ -22,7 +22,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 BASELINE = "kvwise"
 
@@ -231,3 +231,31 @@ def write_chart(path: str, bench: str, results: list[Result], title: str,
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def publish(bench: str, args: Any, results: list[Result], *, title: str, workload: str,
+            threads: int, notes: list[str], **chart_kwargs: Any) -> list[str]:
+    """Write the chart (`args.chart`, default docs/bench_<bench>.png; "none" skips) and replace
+    this bench's section of `args.output_md` ("none" skips). -> the paths written. `title` is
+    the chart's first line; threads, CPU and run count are appended."""
+    written = []
+    chart: Optional[str] = args.chart or os.path.join("docs", f"bench_{bench}.png")
+    if chart.lower() == "none":
+        chart = None
+    if chart is not None:
+        full_title = (f"{title}\n{threads} threads, {cpu_model()}, "
+                      f"median of {args.runs} runs")
+        write_chart(chart, bench, results, full_title, **chart_kwargs)
+        written.append(chart)
+    md = args.output_md
+    if md and md.lower() != "none":
+        chart_ref = None
+        if chart is not None:
+            chart_ref = os.path.relpath(os.path.abspath(chart),
+                                        os.path.dirname(os.path.abspath(md)))
+        command = getattr(args, "command_line", None) or command_line()
+        section = markdown_section(bench, results, command=command, workload=workload,
+                                   threads=threads, chart_ref=chart_ref, notes=notes)
+        update_markdown(md, bench, section)
+        written.append(md)
+    return written
