@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from kvwise.model.gguf_reader import RawTensor, dequantize
+from kvwise.model.gguf_dequant import dequantize
+from kvwise.model.gguf_reader import RawTensor
 from kvwise.model.quant.reference import SUB_BLOCK, pack_int4
 
 Part = Union[torch.Tensor, RawTensor]  # a float weight [out, in], or a GGUF tensor's raw blocks

@@ -14,13 +14,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from kvwise.errors import ModelNotFoundError, WeightLoadError
-from kvwise.model.gguf_reader import (
-    GGUFReaderKV,
-    dequantize,
-    dequantize_reference,
-    gguf_to_hf_name,
-    unpermute_qk,
-)
+from kvwise.model.gguf_dequant import dequantize, dequantize_reference
+from kvwise.model.gguf_reader import GGUFReaderKV, gguf_to_hf_name, unpermute_qk
 
 # ---- SmolLM2 against transformers' GGUF loader ---------------------------------------------
 

@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvwise.model.gguf_reader import RawTensor, dequantize
+from kvwise.model.gguf_dequant import dequantize
+from kvwise.model.gguf_reader import RawTensor
 from kvwise.model.quant import (
     Int4Linear,
     Int8Linear,
