@@ -35,9 +35,7 @@ from kvwise.model.quant.simd import (
 runtime.preload_tbb()
 
 
-# No reassociation or contraction of the scalar math (vector FMAs are explicit): the kernel's
-# bits then do not depend on the context LLVM inlines it into (the fused decode step or not).
-_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
+_FASTMATH = set(runtime.EXACT_FASTMATH)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")

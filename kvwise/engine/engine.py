@@ -196,9 +196,8 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs = self._step()
-        fused = getattr(self.model, "_fused", None)
-        if fused is not None and not self.has_unfinished_requests():
-            fused.release_threads()  # idle: give the caller back torch's configured thread count
+        if not self.has_unfinished_requests():
+            self.model.release_threads()  # idle: the caller gets torch's configured count back
         return outputs
 
     def _step(self) -> list[RequestOutput]:

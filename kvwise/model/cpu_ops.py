@@ -21,15 +21,13 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from kvwise.model.quant import runtime
+from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 from kvwise.model.quant.simd import vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 runtime.preload_tbb()
 _PARALLEL_MIN_ROWS = 64  # below this, one thread: the launch costs more than the work
-SILU_KERNEL_MAX_ROWS = 16  # = quant.dispatch.SMALL_BATCH_MAX: the fused decode step's sizes
-# fastmath without reassociation or contraction: rope's products and sum round like torch's
-# separate mul and add, and no kernel's bits depend on the context LLVM inlines it into (the
-# fused decode step or a direct call); explicit vector FMAs (simd.py) are unaffected.
-_NO_CONTRACT = {"nnan", "ninf", "nsz", "arcp"}
+SILU_KERNEL_MAX_ROWS = SMALL_BATCH_MAX  # the fused decode step's sizes
+_NO_CONTRACT = set(runtime.EXACT_FASTMATH)
 
 
 @njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy", inline="always")

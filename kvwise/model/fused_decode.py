@@ -37,14 +37,12 @@ from kvwise.attention import cpu_decode
 from kvwise.attention.backend import AttentionMetadata
 from kvwise.cache.kv_store import KVStore
 from kvwise.model import cpu_ops
-from kvwise.model.quant import kernels
+from kvwise.model.quant import kernels, runtime
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 from kvwise.model.quant.int4 import Int4Linear
 from kvwise.model.quant.int8 import Int8Linear
 
-# no reassociation or contraction: LLVM may inline these glue functions and the kernels' scalar
-# tails into one another, and must not then round differently from the per-op path
-_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
+_FASTMATH = set(runtime.EXACT_FASTMATH)
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
@@ -157,8 +155,9 @@ class FusedDecode:
             torch.set_num_threads(self.threads)
 
     @staticmethod
-    def applies(meta: AttentionMetadata, backend_name: str, kv: KVStore, num_tokens: int) -> bool:
-        return (not meta.prefills and 0 < num_tokens <= SMALL_BATCH_MAX
+    def applies(meta: AttentionMetadata, backend_name: str, kv: KVStore, num_tokens: int,
+                num_logits: int) -> bool:
+        return (num_logits == num_tokens and not meta.prefills and 0 < num_tokens <= SMALL_BATCH_MAX
                 and num_tokens == meta.num_decode_tokens and backend_name == "paged"
                 and kv.k.dtype == torch.float32 and kv.k.device.type == "cpu"
                 and meta.decode_context_lens is not None)

@@ -91,17 +91,20 @@ class LlamaModel(nn.Module):
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, K, D]
         return q, k, qkv[:, qk_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
 
+    def release_threads(self) -> None:
+        """Give torch back the engine's thread count (the fused decode step runs it on one)."""
+        if self._fused is not None:
+            self._fused.release_threads()
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
                 meta: AttentionMetadata, backend: AttentionBackend,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[0]
         fused = self._fused
-        if fused is not None and logits_indices.shape[0] == t \
-                and fused.applies(meta, backend.name, kv, t):
+        if fused is not None and fused.applies(meta, backend.name, kv, t, logits_indices.shape[0]):
             return fused(input_ids, positions, kv, meta)  # same kernels, one call
-        if fused is not None:
-            fused.release_threads()
+        self.release_threads()
         kernels = input_ids.device.type == "cpu" and self.cos.dtype == torch.float32
         tables = None if kernels else (self.cos[positions], self.sin[positions])  # [T, D] each
         x = self.embed(input_ids)  # [T, E]

@@ -14,6 +14,13 @@ import sys
 
 import numba
 
+# fastmath for kernels whose bits must not depend on where they are compiled from: no
+# reassociation or contraction of scalar math (explicit vector FMAs in simd.py are unaffected).
+# LLVM inlines kernels and glue into one another differently in the fused decode step and in a
+# direct call; with full fastmath the two then rounded differently (tests/unit/model/
+# test_fused_decode.py). Also makes rope's products and sum round like torch's mul and add.
+EXACT_FASTMATH = frozenset({"nnan", "ninf", "nsz", "arcp"})
+
 
 def preload_tbb() -> None:
     """Make numba's TBB threading layer loadable from a pip-installed `tbb` wheel.
