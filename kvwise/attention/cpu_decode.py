@@ -3,11 +3,15 @@
 Replaces gather-blocks + SDPA for decode rows on CPU (paged.decode_attention is the reference):
 at batch 1 those are two index_select copies and a flash-attention call costing ~90 us per layer
 for ~200 context tokens, more than the layer's int4 matmuls. The kernel reads K/V rows in place
-through the block table: per (request, KV head) it scores the group of H/K query heads, takes a
-softmax and sums V, in fp32.
+through the block table, one request per task (its KV heads split over tasks when there are
+fewer than 4 requests); fp32. Per query head: scores 16 positions at a time, their dot products
+reduced together (simd.vsum16: 30 shuffles instead of 16 horizontal sums), a softmax, then
+P.V with four running sums per 64 lanes in registers. Per-position horizontal sums and the
+sums kept in memory were most of the time before (64 requests x 192 positions x 30 layers:
+2.4 ms per layer in the engine; isolated, with the cache out of L3: 1.67 -> 1.24 ms).
 
 Invariants:
-- Each (request, KV head) is computed independently in a fixed order, so a request's output
+- Each request is computed independently, in a fixed order per (head, lane), so a request's output
   does not depend on the batch it runs in (batch invariance) or on the thread count.
 - Preconditions (checked by `supported`): fp32 CPU tensors, head_dim % 16 == 0, contiguous
   caches [N*S, K, D] and q [B, H, D].
@@ -29,6 +33,7 @@ from kvwise.model.quant.simd import (
     vstore,
     vsub,
     vsum,
+    vsum16,
     vzero,
 )
 
@@ -38,53 +43,116 @@ runtime.preload_tbb()
 _FASTMATH = set(runtime.EXACT_FASTMATH)
 
 
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def _dot(q, qo, k_cache, ko, d):
+    """Lane-wise partial dot product of q[qo:qo+d] and k_cache[ko:ko+d] (sum with vsum)."""
+    acc = vzero()
+    for i in range(0, d, 16):
+        acc = vfma(vload(q, qo + i), vload(k_cache, ko + i), acc)
+    return acc
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]
     group = h_count // k_count
     nb = block_ids.shape[0] // b_count
-    row = k_count * d  # elements per cache row (slot)
-    for task in prange(b_count * k_count):
-        b = task // k_count
-        kh = task % k_count
+    row = k_count * d  # elements per cache row (slot): every KV head of one position
+    # few requests (batch-1 decode): split each request's KV heads over tasks so both cores work
+    split = k_count if b_count < 4 else 1
+    for task in prange(b_count * split):
+        b = task // split
+        c = task % split
+        kh0 = c * k_count // split
+        kh1 = (c + 1) * k_count // split
+        h0 = kh0 * group
+        hn = (kh1 - kh0) * group  # query heads of this task
         n = lens[b]
-        offs = np.empty(n, np.int64)  # flat offset of (pos, kh) in the caches, looked up once
-        for pos in range(n):
-            slot = block_ids[b * nb + pos // block_size] * block_size + pos % block_size
-            offs[pos] = slot * row + kh * d
-        scores = np.empty((group, n), np.float32)
-        for pos in range(n):
-            ko = offs[pos]
+        base = np.empty(n, np.int64)  # flat offset of each position's cache row
+        pos = 0
+        j = b * nb
+        while pos < n:  # block by block: no division per position
+            start = block_ids[j] * block_size * row
+            for s in range(min(block_size, n - pos)):
+                base[pos + s] = start + s * row
+            pos += block_size
+            j += 1
+        scores = np.empty((hn, n), np.float32)
+        sc = vsplat(scale)
+        n16 = n // 16 * 16
+        for kh in range(kh0, kh1):
+            kd = kh * d
             for g in range(group):
+                j = kh * group + g - h0
                 qo = (b * h_count + kh * group + g) * d
-                acc = vzero()
-                for i in range(0, d, 16):
-                    acc = vfma(vload(q, qo + i), vload(k_cache, ko + i), acc)
-                scores[g, pos] = vsum(acc) * scale
-        for g in range(group):
-            m = scores[g, 0]
+                for c in range(0, n16, 16):
+                    r = vsum16(
+                        _dot(q, qo, k_cache, base[c] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 1] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 2] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 3] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 4] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 5] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 6] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 7] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 8] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 9] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 10] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 11] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 12] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 13] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 14] + kd, d),
+                        _dot(q, qo, k_cache, base[c + 15] + kd, d))
+                    vstore(scores, j * n + c, vmul(r, sc))
+                for pos in range(n16, n):
+                    scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
+        inv = np.empty(hn, np.float32)
+        for j in range(hn):
+            m = scores[j, 0]
             for pos in range(1, n):
-                m = max(m, scores[g, pos])
+                m = max(m, scores[j, pos])
             total = np.float32(0.0)
             mv = vsplat(m)
             body = n // 16 * 16
             for pos in range(0, body, 16):  # 16 exponentials per vector op (simd.vexp)
-                e = vexp(vsub(vload(scores, g * n + pos), mv))
-                vstore(scores, g * n + pos, e)
+                e = vexp(vsub(vload(scores, j * n + pos), mv))
+                vstore(scores, j * n + pos, e)
                 total += vsum(e)
             for pos in range(body, n):
-                e = np.exp(scores[g, pos] - m)
-                scores[g, pos] = e
+                e = np.exp(scores[j, pos] - m)
+                scores[j, pos] = e
                 total += e
-            inv = vsplat(np.float32(1.0) / total)
-            oo = (b * h_count + kh * group + g) * d
-            # one 16-lane slice of the output at a time, accumulated in a register over positions
-            for i in range(0, d, 16):
-                acc = vzero()
-                for pos in range(n):
-                    acc = vfma(vsplat(scores[g, pos]), vload(v_cache, offs[pos] + i), acc)
-                vstore(out, oo + i, vmul(acc, inv))
+            inv[j] = np.float32(1.0) / total
+        ob = (b * h_count + h0) * d
+        d64 = d // 64 * 64
+        for kh in range(kh0, kh1):
+            for g in range(group):
+                j = kh * group + g - h0
+                oo = ob + j * d
+                sv = vsplat(inv[j])
+                for i in range(0, d64, 64):
+                    a0 = vzero()
+                    a1 = vzero()
+                    a2 = vzero()
+                    a3 = vzero()
+                    for pos in range(n):
+                        p = vsplat(scores[j, pos])
+                        vo = base[pos] + kh * d + i
+                        a0 = vfma(p, vload(v_cache, vo), a0)
+                        a1 = vfma(p, vload(v_cache, vo + 16), a1)
+                        a2 = vfma(p, vload(v_cache, vo + 32), a2)
+                        a3 = vfma(p, vload(v_cache, vo + 48), a3)
+                    vstore(out, oo + i, vmul(a0, sv))
+                    vstore(out, oo + i + 16, vmul(a1, sv))
+                    vstore(out, oo + i + 32, vmul(a2, sv))
+                    vstore(out, oo + i + 48, vmul(a3, sv))
+                for i in range(d64, d, 16):
+                    a0 = vzero()
+                    for pos in range(n):
+                        a0 = vfma(vsplat(scores[j, pos]), vload(v_cache, base[pos] + kh * d + i),
+                                  a0)
+                    vstore(out, oo + i, vmul(a0, sv))
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")

@@ -52,6 +52,45 @@ def test_rows_do_not_depend_on_the_batch():
     assert torch.equal(both[1], alone[0])
 
 
+def test_rows_do_not_depend_on_the_task_split():
+    """Under 4 requests a request's KV heads are split over tasks, from 4 on they are not: the
+    same request gives the same bits either way."""
+    g = torch.Generator().manual_seed(1)
+    kc = torch.randn(64 * 16, 3, 64, generator=g)
+    vc = torch.randn(64 * 16, 3, 64, generator=g)
+    lens = torch.tensor([37, 16, 5, 90, 64])
+    q = torch.randn(5, 9, 64, generator=g)
+    ids = torch.arange(5 * 6).flip(0)  # 6 blocks per request, reversed order
+    batch = cpu_decode.decode_attention(q, kc, vc, ids, lens, 16, 0.125)
+    for b in range(5):
+        alone = cpu_decode.decode_attention(q[b:b + 1], kc, vc, ids[b * 6:(b + 1) * 6],
+                                            lens[b:b + 1], 16, 0.125)
+        assert torch.equal(batch[b], alone[0]), b
+
+
+def test_vsum16_equals_sixteen_vsums():
+    """simd.vsum16 reduces 16 vectors in the same pairwise order as vsum: bit-identical."""
+    import numpy as np
+    from numba import njit
+
+    from kvwise.model.quant.simd import vload, vstore, vsum, vsum16
+
+    @njit
+    def run(x, tree, single):
+        vstore(tree, 0, vsum16(vload(x, 0), vload(x, 16), vload(x, 32), vload(x, 48),
+                               vload(x, 64), vload(x, 80), vload(x, 96), vload(x, 112),
+                               vload(x, 128), vload(x, 144), vload(x, 160), vload(x, 176),
+                               vload(x, 192), vload(x, 208), vload(x, 224), vload(x, 240)))
+        for j in range(16):
+            single[j] = vsum(vload(x, 16 * j))
+
+    x = (torch.randn(256, generator=torch.Generator().manual_seed(2)) * 1e3).numpy()
+    tree, single = np.empty(16, np.float32), np.empty(16, np.float32)
+    run(x, tree, single)
+    assert np.array_equal(tree, single)
+    assert np.allclose(tree, x.reshape(16, 16).astype(np.float64).sum(1), rtol=1e-5, atol=1e-2)
+
+
 def test_vexp_matches_torch_exp():
     """simd.vexp (the softmax exponential of the kernel) within 4e-7 relative of torch.exp over
     the range softmax feeds it (x - max <= 0), and saturating instead of overflowing above."""
