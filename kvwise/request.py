@@ -48,7 +48,7 @@ class Request:
     stop_reason: Union[None, int, str] = None
     text: str = ""
     logprobs: Optional[list[dict[int, Logprob]]] = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: Optional[float] = None  # summed only when params.logprobs is set
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

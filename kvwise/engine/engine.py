@@ -228,7 +228,7 @@ class LLMEngine:
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(pid, g, now) for pid, g in touched.items()]
 
-    def _append(self, req: Request, token: int, logprobs: Any, token_logprob: float,
+    def _append(self, req: Request, token: int, logprobs: Any, token_logprob: Optional[float],
                 now: float) -> None:
         req.append_token(token)
         self.generation_tokens_total += 1
@@ -236,7 +236,8 @@ class LLMEngine:
         if m.first_token_time is None:
             m.first_token_time = now
         m.last_token_time = now
-        req.cumulative_logprob += token_logprob
+        if token_logprob is not None:  # the sampler scores only rows that asked for logprobs
+            req.cumulative_logprob = (req.cumulative_logprob or 0.0) + token_logprob
         if req.logprobs is not None:
             req.logprobs.append(logprobs)
         delta = req.detokenizer.append(token)

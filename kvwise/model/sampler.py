@@ -47,7 +47,8 @@ class SamplerOutput:
     # Per row: None unless params.logprobs is not None; then the sampled token plus the
     # top-`logprobs` tokens with ranks 1..k.
     logprobs: list[dict[int, Logprob] | None]
-    sampled_logprob: list[float]  # raw logprob of the sampled token (for cumulative_logprob)
+    # raw logprob of the sampled token (for cumulative_logprob); None for rows without logprobs
+    sampled_logprob: list[float | None]
 
 
 def make_generator(
@@ -98,16 +99,21 @@ def sample(
             [generators[i] for i in sampled_rows],
         )
 
-    log_norm = _logsumexp(logits)[:, 0]  # [B]
-    sampled_lp = logits.gather(1, token_ids[:, None])[:, 0] - log_norm  # [B]
     logprobs: list[dict[int, Logprob] | None] = [None] * num_rows
+    sampled: list[float | None] = [None] * num_rows
     lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if lp_rows:
+    if lp_rows:  # a full-vocabulary logsumexp per row: only for rows that asked for logprobs
+        rows = logits if len(lp_rows) == num_rows else logits[lp_rows]
+        row_ids = token_ids if len(lp_rows) == num_rows else token_ids[lp_rows]
+        log_norm = _logsumexp(rows)[:, 0]  # [R]
+        sampled_lp = rows.gather(1, row_ids[:, None])[:, 0] - log_norm  # [R]
         counts = [int(params[i].logprobs or 0) for i in lp_rows]
-        dicts = _collect_logprobs(logits, log_norm, token_ids, sampled_lp, lp_rows, counts)
-        for i, d in zip(lp_rows, dicts):
+        dicts = _collect_logprobs(rows, log_norm, row_ids, sampled_lp,
+                                  list(range(len(lp_rows))), counts)
+        for j, (i, d) in enumerate(zip(lp_rows, dicts)):
             logprobs[i] = d
-    return SamplerOutput(token_ids.tolist(), logprobs, sampled_lp.tolist())
+            sampled[i] = float(sampled_lp[j])
+    return SamplerOutput(token_ids.tolist(), logprobs, sampled)
 
 
 def _sample_rows(

@@ -54,9 +54,12 @@ def test_greedy_equals_argmax_and_breaks_ties_by_lowest_id() -> None:
     expected[2] = 7
     assert out.token_ids == expected
     assert out.logprobs == [None] * 6
+    assert out.sampled_logprob == [None] * 6  # no full-vocabulary logsumexp unless asked
+    with_lp = sample(logits, [SamplingParams(temperature=0.0, logprobs=0)] * 6, [None] * 6)
+    assert with_lp.token_ids == expected
     ref_lp = torch.log_softmax(logits, dim=-1)
-    for i, t in enumerate(out.token_ids):
-        assert out.sampled_logprob[i] == pytest.approx(float(ref_lp[i, t]), abs=1e-5)
+    for i, t in enumerate(with_lp.token_ids):
+        assert with_lp.sampled_logprob[i] == pytest.approx(float(ref_lp[i, t]), abs=1e-5)
 
 
 def test_all_greedy_batch_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
