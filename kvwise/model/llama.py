@@ -111,8 +111,15 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.input_norm)  # [T, E]
             qkv = layer.qkv(h)  # [T, (H+2K)D]
-            q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
-            kv.write(i, meta.slot_mapping, k, v)
+            if kernels and kv.k.dtype == torch.float32 and cpu_ops.supported(qkv):
+                # rotate q, and k and v straight into their cache rows (one pass, no copy)
+                q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
+                cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(),
+                                   self.sin.numpy(), self.cfg.num_heads, q.numpy(),
+                                   kv.k[i].numpy(), kv.v[i].numpy(), meta.slot_mapping.numpy())
+            else:
+                q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
+                kv.write(i, meta.slot_mapping, k, v)
             attn = backend.forward(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, H, D]
             x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
             h = self._rms(x, layer.post_norm)
