@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from kvwise.cache import hugepages
 from kvwise.model.config import ModelConfig
 
 
@@ -30,9 +29,8 @@ class KVStore:
         shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: attention gathers whole blocks and masks the unwritten slots, and a
         # masked slot holding NaN garbage would still poison the output (0 * NaN = NaN).
-        # On CPU backed by huge pages when available (hugepages.py: faster decode attention).
-        self.k = hugepages.zeros(shape, dtype, device)  # [L, N*S, K, D]
-        self.v = hugepages.zeros(shape, dtype, device)  # [L, N*S, K, D]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
         self.bytes_per_block = bytes_per_block(cfg, block_size, dtype)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
