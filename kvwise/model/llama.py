@@ -26,6 +26,12 @@ from kvwise.model.linear import DenseLinear
 from kvwise.model.rope import apply_rope, rope_tables
 
 
+
+# Steps up to this many tokens write rotated k and v straight into the cache from the rope
+# kernel: 64-row decode steps save the index_copy (~0.12 ms per layer). Measured slower for
+# 1024-token prefill (fp32 prefill@1024: 585-601 vs 613-628 tok/s), which keeps rope + index_copy.
+ROPE_INTO_CACHE_MAX_TOKENS = 256
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -111,7 +117,8 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.input_norm)  # [T, E]
             qkv = layer.qkv(h)  # [T, (H+2K)D]
-            if kernels and kv.k.dtype == torch.float32 and cpu_ops.supported(qkv):
+            if (kernels and t <= ROPE_INTO_CACHE_MAX_TOKENS and kv.k.dtype == torch.float32
+                    and cpu_ops.supported(qkv)):
                 # rotate q, and k and v straight into their cache rows (one pass, no copy)
                 q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
                 cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(),
