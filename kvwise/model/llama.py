@@ -25,12 +25,11 @@ from kvwise.model.fused_decode import FusedDecode
 from kvwise.model.linear import DenseLinear
 from kvwise.model.rope import apply_rope, rope_tables
 
-
-
 # Steps up to this many tokens write rotated k and v straight into the cache from the rope
 # kernel: 64-row decode steps save the index_copy (~0.12 ms per layer). Measured slower for
 # 1024-token prefill (fp32 prefill@1024: 585-601 vs 613-628 tok/s), which keeps rope + index_copy.
 ROPE_INTO_CACHE_MAX_TOKENS = 256
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
