@@ -63,21 +63,21 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
     split = k_count if b_count < 4 else 1
     for task in prange(b_count * split):
         b = task // split
-        c = task % split
-        kh0 = c * k_count // split
-        kh1 = (c + 1) * k_count // split
+        part = task % split
+        kh0 = part * k_count // split
+        kh1 = (part + 1) * k_count // split
         h0 = kh0 * group
         hn = (kh1 - kh0) * group  # query heads of this task
         n = lens[b]
         base = np.empty(n, np.int64)  # flat offset of each position's cache row
         pos = 0
-        j = b * nb
+        blk = b * nb
         while pos < n:  # block by block: no division per position
-            start = block_ids[j] * block_size * row
+            start = block_ids[blk] * block_size * row
             for s in range(min(block_size, n - pos)):
                 base[pos + s] = start + s * row
             pos += block_size
-            j += 1
+            blk += 1
         scores = np.empty((hn, n), np.float32)
         sc = vsplat(scale)
         n16 = n // 16 * 16
@@ -86,25 +86,25 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
             for g in range(group):
                 j = kh * group + g - h0
                 qo = (b * h_count + kh * group + g) * d
-                for c in range(0, n16, 16):
+                for c0 in range(0, n16, 16):
                     r = vsum16(
-                        _dot(q, qo, k_cache, base[c] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 1] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 2] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 3] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 4] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 5] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 6] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 7] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 8] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 9] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 10] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 11] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 12] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 13] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 14] + kd, d),
-                        _dot(q, qo, k_cache, base[c + 15] + kd, d))
-                    vstore(scores, j * n + c, vmul(r, sc))
+                        _dot(q, qo, k_cache, base[c0] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 1] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 2] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 3] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 4] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 5] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 6] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 7] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 8] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 9] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 10] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 11] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 12] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 13] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 14] + kd, d),
+                        _dot(q, qo, k_cache, base[c0 + 15] + kd, d))
+                    vstore(scores, j * n + c0, vmul(r, sc))
                 for pos in range(n16, n):
                     scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
         inv = np.empty(hn, np.float32)
