@@ -96,6 +96,23 @@ class LlamaModel(nn.Module):
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, K, D]
         return q, k, qkv[:, qk_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
 
+    def _rope_store(self, i: int, qkv: torch.Tensor, positions: torch.Tensor,
+                    tables: Optional[tuple[torch.Tensor, torch.Tensor]], layer: nn.Module,
+                    kv: KVStore, meta: AttentionMetadata) -> torch.Tensor:
+        """Rotate q and k, store k and v of layer i at the step's slots; -> q [T, H, D]."""
+        t = qkv.shape[0]
+        if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kv.k.dtype == torch.float32
+                and cpu_ops.supported(qkv)):
+            # the rope kernel writes k and v straight into their cache rows (no copy)
+            q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
+            cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(), self.sin.numpy(),
+                               self.cfg.num_heads, q.numpy(), kv.k[i].numpy(), kv.v[i].numpy(),
+                               meta.slot_mapping.numpy())
+            return q
+        q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
+        kv.write(i, meta.slot_mapping, k, v)
+        return q
+
     def release_threads(self) -> None:
         """Give torch back the engine's thread count (the fused decode step runs it on one)."""
         if self._fused is not None:
@@ -116,16 +133,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.input_norm)  # [T, E]
             qkv = layer.qkv(h)  # [T, (H+2K)D]
-            if (kernels and t <= ROPE_INTO_CACHE_MAX_TOKENS and kv.k.dtype == torch.float32
-                    and cpu_ops.supported(qkv)):
-                # rotate q, and k and v straight into their cache rows (one pass, no copy)
-                q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
-                cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(),
-                                   self.sin.numpy(), self.cfg.num_heads, q.numpy(),
-                                   kv.k[i].numpy(), kv.v[i].numpy(), meta.slot_mapping.numpy())
-            else:
-                q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
-                kv.write(i, meta.slot_mapping, k, v)
+            q = self._rope_store(i, qkv, positions, tables, layer, kv, meta)  # [T, H, D]
             attn = backend.forward(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, H, D]
             x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
             h = self._rms(x, layer.post_norm)

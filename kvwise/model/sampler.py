@@ -103,8 +103,8 @@ def sample(
     sampled: list[float | None] = [None] * num_rows
     lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if lp_rows:  # a full-vocabulary logsumexp per row: only for rows that asked for logprobs
-        rows = logits if len(lp_rows) == num_rows else logits[lp_rows]
-        row_ids = token_ids if len(lp_rows) == num_rows else token_ids[lp_rows]
+        rows = _select(logits, lp_rows)  # [R, V]
+        row_ids = _select(token_ids, lp_rows)  # [R]
         log_norm = _logsumexp(rows)[:, 0]  # [R]
         sampled_lp = rows.gather(1, row_ids[:, None])[:, 0] - log_norm  # [R]
         counts = [int(params[i].logprobs or 0) for i in lp_rows]
