@@ -36,6 +36,7 @@ def parse_bytes(value: Union[int, str]) -> int:
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
 WEIGHT_DTYPES = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
+KV_CACHE_DTYPES = ("auto",) + DTYPES
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class EngineConfig:
     attention_backend: str = "paged"
     weight_dtype: str = "fp32"  # decoder projections: fp32 | int8 | int4 (weight-only quant)
     lm_head_dtype: Optional[str] = None  # None: weight_dtype, but int8 when that is int4
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -88,6 +90,14 @@ class EngineConfig:
         if self.lm_head_dtype is not None and self.lm_head_dtype not in WEIGHT_DTYPES:
             raise bad("lm_head_dtype",
                       f"must be one of {WEIGHT_DTYPES}, got {self.lm_head_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype",
+                      f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+
+    @property
+    def resolved_kv_cache_dtype(self) -> str:
+        """The KV cache's storage dtype name: `kv_cache_dtype`, or `dtype` for auto."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -122,6 +132,9 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("weight_dtype", str, "decoder projection weights: fp32 | int8 | int4 (weight-only quant)"),
     ("lm_head_dtype", str, "LM head weights: fp32 | int8 | int4 (default: --weight-dtype, "
                            "but int8 for int4)"),
+    ("kv_cache_dtype", str, "KV cache storage: auto (= --dtype) | float32 | float16 | bfloat16; "
+                            "narrower halves the bytes decode attention reads (math stays in "
+                            "--dtype)"),
 ]
 
 

@@ -13,8 +13,9 @@ sums kept in memory were most of the time before (64 requests x 192 positions x 
 Invariants:
 - Each request is computed independently, in a fixed order per (head, lane), so a request's output
   does not depend on the batch it runs in (batch invariance) or on the thread count.
-- Preconditions (checked by `supported`): fp32 CPU tensors, head_dim % 16 == 0, contiguous
-  caches [N*S, K, D] and q [B, H, D].
+- Preconditions (checked by `supported`): fp32 q [B, H, D] on CPU, head_dim % 16 == 0,
+  contiguous caches [N*S, K, D] in fp32 or fp16 (`--kv-cache-dtype float16`: widened to fp32 as
+  they are loaded, half the bytes read; all arithmetic stays fp32).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from kvwise.cache.kv_store import KERNEL_KV_DTYPES, kernel_dtype, kernel_view
 from kvwise.model.quant import runtime
 from kvwise.model.quant.simd import (
     vexp,
     vfma,
     vload,
+    vload_kv,
     vmul,
     vsplat,
     vstore,
@@ -48,7 +51,7 @@ def _dot(q, qo, k_cache, ko, d):
     """Lane-wise partial dot product of q[qo:qo+d] and k_cache[ko:ko+d] (sum with vsum)."""
     acc = vzero()
     for i in range(0, d, 16):
-        acc = vfma(vload(q, qo + i), vload(k_cache, ko + i), acc)
+        acc = vfma(vload(q, qo + i), vload_kv(k_cache, ko + i), acc)
     return acc
 
 
@@ -139,10 +142,10 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
                     for pos in range(n):
                         p = vsplat(scores[j, pos])
                         vo = base[pos] + kh * d + i
-                        a0 = vfma(p, vload(v_cache, vo), a0)
-                        a1 = vfma(p, vload(v_cache, vo + 16), a1)
-                        a2 = vfma(p, vload(v_cache, vo + 32), a2)
-                        a3 = vfma(p, vload(v_cache, vo + 48), a3)
+                        a0 = vfma(p, vload_kv(v_cache, vo), a0)
+                        a1 = vfma(p, vload_kv(v_cache, vo + 16), a1)
+                        a2 = vfma(p, vload_kv(v_cache, vo + 32), a2)
+                        a3 = vfma(p, vload_kv(v_cache, vo + 48), a3)
                     vstore(out, oo + i, vmul(a0, sv))
                     vstore(out, oo + i + 16, vmul(a1, sv))
                     vstore(out, oo + i + 32, vmul(a2, sv))
@@ -150,8 +153,8 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
                 for i in range(d64, d, 16):
                     a0 = vzero()
                     for pos in range(n):
-                        a0 = vfma(vsplat(scores[j, pos]), vload(v_cache, base[pos] + kh * d + i),
-                                  a0)
+                        a0 = vfma(vsplat(scores[j, pos]),
+                                  vload_kv(v_cache, base[pos] + kh * d + i), a0)
                     vstore(out, oo + i, vmul(a0, sv))
 
 
@@ -163,25 +166,26 @@ def decode_attention_into(q, k_cache, v_cache, block_ids, lens, block_size, scal
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and kernel_dtype(k_cache)
             and q.shape[-1] % 16 == 0 and k_cache.is_contiguous())
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_ids: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                      scale: float) -> torch.Tensor:
-    """q [B, H, D]; caches [N*S, K, D]; block_ids [B*nb] long; context_lens [B] long ->
-    [B, H, D] fp32."""
+    """q [B, H, D]; caches [N*S, K, D] fp32 or fp16; block_ids [B*nb] long; context_lens [B]
+    long -> [B, H, D] fp32."""
     assert supported(q, k_cache) and v_cache.is_contiguous()
     q = q.contiguous()
     out = torch.empty_like(q)
-    decode_attention_into(q.numpy(), k_cache.numpy(), v_cache.numpy(), block_ids.numpy(),
+    decode_attention_into(q.numpy(), kernel_view(k_cache), kernel_view(v_cache), block_ids.numpy(),
                       context_lens.numpy(), block_size, np.float32(scale), out.numpy())
     return out
 
 
 def warmup() -> None:
     """Compile (or load from numba's cache) the kernel at engine start."""
-    kc = torch.zeros(16, 1, 16)
-    decode_attention(torch.zeros(1, 2, 16), kc, kc, torch.zeros(1, dtype=torch.long),
-                     torch.ones(1, dtype=torch.long), 16, 1.0)
+    for dtype in KERNEL_KV_DTYPES:
+        kc = torch.zeros(16, 1, 16, dtype=dtype)
+        decode_attention(torch.zeros(1, 2, 16), kc, kc, torch.zeros(1, dtype=torch.long),
+                         torch.ones(1, dtype=torch.long), 16, 1.0)

@@ -30,8 +30,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [B, H, D]; caches [N*S, K, D]; block_ids [B*nb]; mask [B, 1, 1, nb*S] -> [B, H, D]."""
     b, h, d = q.shape
     kh = k_cache.shape[1]
-    k = gather_blocks(k_cache, block_ids, block_size).view(b, -1, kh, d).transpose(1, 2)
-    v = gather_blocks(v_cache, block_ids, block_size).view(b, -1, kh, d).transpose(1, 2)
+    k = gather_blocks(k_cache, block_ids, block_size).to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
+    v = gather_blocks(v_cache, block_ids, block_size).to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
     # k, v [B, K, L, D]; SDPA's CPU kernel handles the GQA grouping without copying KV
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=kh != h)  # [B, H, 1, D]
@@ -71,7 +71,9 @@ def prefill_spans_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         else:
             k = gather_blocks(k_cache, span.context_block_ids, meta.block_size)  # [C', K, D]
             v = gather_blocks(v_cache, span.context_block_ids, meta.block_size)
-        out[rows] = prefill_attention(q[rows], k, v, span.num_prior_tokens, scale)
+        # a cache in another dtype than q (--kv-cache-dtype) is read back widened
+        out[rows] = prefill_attention(q[rows], k.to(q.dtype), v.to(q.dtype),
+                                      span.num_prior_tokens, scale)
 
 
 class PagedBackend:

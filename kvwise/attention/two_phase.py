@@ -94,8 +94,9 @@ def chunk_first_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     qs = q if rows is None else q.index_select(0, rows)  # [R, K, G, D]
     r, kh, g, d = qs.shape
     qs = qs.transpose(0, 1).reshape(1, kh, r * g, d)  # [1, K, R*G, D]
-    k = gather_blocks(k_cache, block_ids, block_size).transpose(0, 1)[None]  # [1, K, M*S, D]
-    v = gather_blocks(v_cache, block_ids, block_size).transpose(0, 1)[None]  # [1, K, M*S, D]
+    # widened to q's dtype when the cache is stored narrower (--kv-cache-dtype)
+    k = gather_blocks(k_cache, block_ids, block_size).to(qs.dtype).transpose(0, 1)[None]
+    v = gather_blocks(v_cache, block_ids, block_size).to(qs.dtype).transpose(0, 1)[None]
     out, lse = attention_lse(qs, k, v, None, scale)  # [1, K, R*G, D], [1, K, R*G]
     out = out[0].reshape(kh, r, g, d).transpose(0, 1)  # [R, K, G, D]
     lse = lse[0].reshape(kh, r, g).transpose(0, 1)  # [R, K, G]
@@ -109,8 +110,8 @@ def two_phase_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kh = k_cache.shape[1]
     assert h % kh == 0, (h, kh)
     qg = q.reshape(b, kh, h // kh, d)  # [B, K, G, D]: query head h reads KV head h // G
-    k = gather_blocks(k_cache, plan.private_block_ids, block_size)  # [B*nbp*S, K, D]
-    v = gather_blocks(v_cache, plan.private_block_ids, block_size)
+    k = gather_blocks(k_cache, plan.private_block_ids, block_size).to(q.dtype)  # [B*nbp*S, K, D]
+    v = gather_blocks(v_cache, plan.private_block_ids, block_size).to(q.dtype)
     k = k.view(b, -1, kh, d).transpose(1, 2)  # [B, K, nbp*S, D]
     v = v.view(b, -1, kh, d).transpose(1, 2)  # [B, K, nbp*S, D]
     if not plan.groups:  # nothing shared: plain batched decode, no log-sum-exp needed

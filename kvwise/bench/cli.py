@@ -56,10 +56,39 @@ def _peers(value: str) -> list[str]:
     return names
 
 
+# short engine-name suffixes of KV cache dtypes ("kvwise-int4-kvf16")
+_KV_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
 def add_weight_dtypes_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-dtypes", default=None, metavar="LIST",
                         help="measure kvwise once per weight dtype, e.g. fp32,int8,int4 "
                              "(engines kvwise-<dtype>); default: one run with --weight-dtype")
+    parser.add_argument("--kv-cache-dtypes", default=None, metavar="LIST",
+                        help="also cross the kvwise runs with these KV cache dtypes, e.g. "
+                             "auto,float16 (engines kvwise-<dtype>-kv<f16>; auto adds no "
+                             "suffix); default: --kv-cache-dtype only")
+
+
+def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """Engine name -> engine kwargs of every kvwise configuration the bench measures
+    (--weight-dtypes x --kv-cache-dtypes); raises ConfigError naming the bad entry."""
+    weights = [d for d in (getattr(args, "weight_dtypes", None) or "").split(",") if d]
+    kvs = [d for d in (getattr(args, "kv_cache_dtypes", None) or "").split(",") if d]
+    configs: dict[str, dict[str, Any]] = {}
+    for w in weights or [None]:
+        for kv in kvs or [None]:
+            kwargs, name = dict(engine_kwargs), "kvwise"
+            if w is not None:
+                kwargs["weight_dtype"], name = w, f"{name}-{w}"
+            if kv is not None:
+                kwargs["kv_cache_dtype"] = kv
+                if kv != "auto":
+                    name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
+            EngineConfig.from_kwargs(**kwargs)  # validate all before any model loads
+            configs[name] = kwargs
+    return configs
 
 
 def add_common_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +163,10 @@ def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool) -> list[st
                      f"{dtype}) and hf (float32) on weights dequantized from the same GGUF, "
                      "kvwise-int8/int4 on int8/int4 weights built from its Q4_1/Q8_0 blocks "
                      "(fp32 activations at <= 16 tokens per step, bf16 GEMMs above).")
+    if any("-kv" in e for e in engines if e.startswith("kvwise")):
+        notes.append("kvwise-...-kvf16 / -kvbf16 store the KV cache in that dtype "
+                     "(--kv-cache-dtype), widened to fp32 as attention reads it; hf and the other "
+                     "kvwise lines keep it in float32, llamacpp in its default f16.")
     if bench == "latency" and "hf" in engines:
         notes.append("hf prefill = one forward pass (use_cache, logits_to_keep=1) + argmax; "
                      "hf decode is timed per token with a streamer inside generate().")
@@ -160,24 +193,18 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
     except KvwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtypes = [d for d in (getattr(args, "weight_dtypes", None) or "").split(",") if d]
-    if dtypes:
-        for d in dtypes:  # validate all before any model loads
-            try:
-                EngineConfig.from_kwargs(**{**engine_kwargs, "weight_dtype": d})
-            except KvwiseError as e:
-                print(f"error: --weight-dtypes: {e}", file=sys.stderr)
-                return 2
-        kvwise_engines = [f"kvwise-{d}" for d in dtypes]
-    else:
-        kvwise_engines = ["kvwise"]
-    engines = ([] if args.skip_kvwise else kvwise_engines) + list(args.peers)
+    try:
+        configs = kvwise_configs(args, engine_kwargs)
+    except KvwiseError as e:
+        print(f"error: --weight-dtypes/--kv-cache-dtypes: {e}", file=sys.stderr)
+        return 2
+    engines = ([] if args.skip_kvwise else list(configs)) + list(args.peers)
     _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}")
     corpus = build_corpus(load_encoder(files), workload.tokens_needed(args.warmup + args.runs))
     results: list[report.Result] = []
     for name in engines:
-        results += _measure_engine(name, engine_kwargs, files, threads, workload, corpus, args,
-                                   measure_fn)
+        results += _measure_engine(name, configs.get(name, engine_kwargs), files, threads,
+                                   workload, corpus, args, measure_fn)
     for line in report.ratio_lines(results):
         print(line, flush=True)
     dtype = engine_kwargs.get("dtype", EngineConfig().dtype)
@@ -190,11 +217,8 @@ def _measure_engine(name: str, engine_kwargs: dict[str, Any], files: ModelFiles,
                     workload: Workload, corpus: Any, args: argparse.Namespace,
                     measure_fn: Callable[..., list[report.Result]]) -> list[report.Result]:
     _log(f"loading {name}")
-    if name.startswith("kvwise-"):  # one kvwise configuration per --weight-dtypes entry
-        factory = RUNNERS["kvwise"]
-        engine_kwargs = {**engine_kwargs, "weight_dtype": name.split("-", 1)[1]}
-    else:
-        factory = RUNNERS[name]
+    # kvwise configurations (kvwise_configs) arrive with their own engine kwargs
+    factory = RUNNERS["kvwise" if name.startswith("kvwise") else name]
     try:
         runner = factory(engine_kwargs, files, threads, workload.max_context)
     except PeerUnavailable as e:

@@ -10,9 +10,26 @@ Invariants:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvwise.model.config import ModelConfig
+
+# Cache dtypes the CPU numba kernels (rope-into-cache, decode attention, fused decode step) read
+# and write; other dtypes (bfloat16) go through the PyTorch paths.
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
+
+
+def kernel_dtype(cache: torch.Tensor) -> bool:
+    """Whether the CPU kernels take this cache tensor."""
+    return cache.device.type == "cpu" and cache.dtype in KERNEL_KV_DTYPES
+
+
+def kernel_view(cache: torch.Tensor) -> np.ndarray:
+    """The numpy array the kernels take for a CPU cache tensor (no copy): fp32 as is, fp16 as its
+    uint16 bits (numba has no half type; simd.vload_kv / store_kv convert)."""
+    a = cache.numpy()
+    return a if cache.dtype == torch.float32 else a.view(np.uint16)
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -34,6 +51,7 @@ class KVStore:
         self.bytes_per_block = bytes_per_block(cfg, block_size, dtype)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [T] long; k, v [T, K, D] -> stored at those rows of layer `layer`."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """slots [T] long; k, v [T, K, D] (any float dtype: rounded to the cache's) -> stored at
+        those rows of layer `layer`."""
+        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))

@@ -63,14 +63,15 @@ class LLMEngine:
             raise ConfigError(
                 f"max_model_len: {self.max_model_len} exceeds the model's context length "
                 f"{mc.max_position_embeddings}", "max_model_len")
-        self.kv_bytes_per_block = bytes_per_block(mc, config.block_size, dtype)
+        kv_dtype = _DTYPES[config.resolved_kv_cache_dtype]
+        self.kv_bytes_per_block = bytes_per_block(mc, config.block_size, kv_dtype)
         num_blocks = config.num_blocks or config.kv_cache_bytes // self.kv_bytes_per_block
         if num_blocks < 1:
             raise ConfigError(
                 f"kv_cache_memory: {config.kv_cache_memory} holds no block of "
                 f"{self.kv_bytes_per_block} bytes", "kv_cache_memory")
         self.num_blocks = num_blocks
-        self.kv_store = KVStore(mc, num_blocks, config.block_size, dtype, self.device)
+        self.kv_store = KVStore(mc, num_blocks, config.block_size, kv_dtype, self.device)
         self.kv_manager = KVManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from kvwise.model.quant import runtime
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
-from kvwise.model.quant.simd import vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from kvwise.model.quant.simd import store_kv, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 runtime.preload_tbb()
 _PARALLEL_MIN_ROWS = 64  # below this, one thread: the launch costs more than the work
@@ -65,7 +65,9 @@ def _rms_norm_parallel(x, w, eps, out):
 @njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy")
 def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
     """qkv [T, (H+2K)*D] -> q_out [T, H, D] rotated, k_dst[rows[t]] [K, D] rotated, v_dst[rows[t]]
-    [K, D] copied (rotate-half RoPE at `positions[t]`; cos/sin tables [P, D])."""
+    [K, D] copied (rotate-half RoPE at `positions[t]`; cos/sin tables [P, D]). k_dst / v_dst are
+    C-contiguous [R, K, D] caches, fp32 or fp16 as uint16 (kv_store.kernel_view): fp16 rows are
+    rounded to nearest even, as `KVStore.write` rounds them."""
     t_count = qkv.shape[0]
     k_count, d = k_dst.shape[1], k_dst.shape[2]
     half = d // 2
@@ -74,6 +76,7 @@ def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
         r = rows[t]
         for j in range(num_heads + k_count):
             base = j * d
+            kb = (r * k_count + j - num_heads) * d  # flat offset of this KV head's cache row
             for i in range(half):
                 x1 = qkv[t, base + i]
                 x2 = qkv[t, base + half + i]
@@ -83,12 +86,11 @@ def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
                     q_out[t, j, i] = lo
                     q_out[t, j, half + i] = hi
                 else:
-                    k_dst[r, j - num_heads, i] = lo
-                    k_dst[r, j - num_heads, half + i] = hi
+                    store_kv(k_dst, kb + i, lo)
+                    store_kv(k_dst, kb + half + i, hi)
         vbase = (num_heads + k_count) * d
-        for j in range(k_count):
-            for i in range(d):
-                v_dst[r, j, i] = qkv[t, vbase + j * d + i]
+        for i in range(k_count * d):
+            store_kv(v_dst, r * k_count * d + i, qkv[t, vbase + i])
 
 
 @njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy", inline="always")

@@ -6,7 +6,7 @@ silu, four projections). `FusedDecode` runs the same kernels (cpu_ops, quant.ker
 attention.cpu_decode) from one compiled function, with every activation buffer preallocated, so
 the per-step overhead is one call and the numba parallel launches inside the projections.
 
-When it runs (`FusedDecode.applies`): CPU, fp32 activations and fp32 KV cache, every decoder
+When it runs (`FusedDecode.applies`): CPU, fp32 activations, an fp32 or fp16 KV cache, every decoder
 projection int4 or every one int8 (the LM head int4 or int8), the paged attention backend, and a
 step whose tokens are all decode tokens, at most SMALL_BATCH_MAX of them. Anything else goes
 through LlamaModel.forward.
@@ -35,7 +35,7 @@ from numba.typed import List
 
 from kvwise.attention import cpu_decode
 from kvwise.attention.backend import AttentionMetadata
-from kvwise.cache.kv_store import KVStore
+from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
 from kvwise.model import cpu_ops
 from kvwise.model.quant import kernels, runtime
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
@@ -159,7 +159,7 @@ class FusedDecode:
                 num_logits: int) -> bool:
         return (num_logits == num_tokens and not meta.prefills and 0 < num_tokens <= SMALL_BATCH_MAX
                 and num_tokens == meta.num_decode_tokens and backend_name == "paged"
-                and kv.k.dtype == torch.float32 and kv.k.device.type == "cpu"
+                and kernel_dtype(kv.k)
                 and meta.decode_context_lens is not None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
@@ -177,6 +177,6 @@ class FusedDecode:
               self.attn_scale, self.eps, self.embed, self.model.cos.numpy(),
               self.model.sin.numpy(), self.norms_in, self.norms_post, self.norm_final,
               self.qkv_w, self.o_w, self.gu_w, self.down_w, self.head_w, self.dec_int4,
-              self.head_int4, kv.k.numpy(), kv.v.numpy(), self.model.cfg.num_heads, x, h, qkv, q,
+              self.head_int4, kernel_view(kv.k), kernel_view(kv.v), self.model.cfg.num_heads, x, h, qkv, q,
               attn, tmp, gu, act, logits.numpy())
         return logits

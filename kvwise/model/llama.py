@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvwise.attention.backend import AttentionBackend, AttentionMetadata
-from kvwise.cache.kv_store import KVStore
+from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
 from kvwise.model import cpu_ops
 from kvwise.model.config import ModelConfig
 from kvwise.model.fused_decode import FusedDecode
@@ -101,13 +101,13 @@ class LlamaModel(nn.Module):
                     kv: KVStore, meta: AttentionMetadata) -> torch.Tensor:
         """Rotate q and k, store k and v of layer i at the step's slots; -> q [T, H, D]."""
         t = qkv.shape[0]
-        if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kv.k.dtype == torch.float32
+        if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kernel_dtype(kv.k)
                 and cpu_ops.supported(qkv)):
             # the rope kernel writes k and v straight into their cache rows (no copy)
             q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
             cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(), self.sin.numpy(),
-                               self.cfg.num_heads, q.numpy(), kv.k[i].numpy(), kv.v[i].numpy(),
-                               meta.slot_mapping.numpy())
+                               self.cfg.num_heads, q.numpy(), kernel_view(kv.k[i]),
+                               kernel_view(kv.v[i]), meta.slot_mapping.numpy())
             return q
         q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
         kv.write(i, meta.slot_mapping, k, v)

@@ -65,10 +65,30 @@ def test_latency_smoke(engine: None, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_throughput_smoke(engine: None, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Two configurations: --kv-cache-dtypes crosses the kvwise runs (fp32 and fp16 KV cache)."""
     md, png, out_args = _outputs(tmp_path, "throughput")
-    lines = _run(capsys, [*TINY_THROUGHPUT, "--peers", "none", *out_args])
-    _check_results(lines, "throughput", "kvwise", {"output_tok_s", "total_tok_s"})
-    _check_files(md, png, "throughput", "kvwise")
+    lines = _run(capsys, [*TINY_THROUGHPUT, "--peers", "none", "--weight-dtypes", "int4",
+                          "--kv-cache-dtypes", "auto,float16", *out_args])
+    for engine_name in ("kvwise-int4", "kvwise-int4-kvf16"):
+        _check_results(lines, "throughput", engine_name, {"output_tok_s", "total_tok_s"})
+        _check_files(md, png, "throughput", engine_name)
+
+
+def test_kvwise_configs_cross_weight_and_kv_dtypes() -> None:
+    import argparse
+
+    from kvwise.bench.cli import kvwise_configs
+    from kvwise.errors import ConfigError
+
+    args = argparse.Namespace(weight_dtypes="int8,int4", kv_cache_dtypes="auto,float16")
+    configs = kvwise_configs(args, {"threads": 2})
+    assert list(configs) == ["kvwise-int8", "kvwise-int8-kvf16", "kvwise-int4",
+                             "kvwise-int4-kvf16"]
+    assert configs["kvwise-int4-kvf16"] == {"threads": 2, "weight_dtype": "int4",
+                                            "kv_cache_dtype": "float16"}
+    assert list(kvwise_configs(argparse.Namespace(), {})) == ["kvwise"]
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        kvwise_configs(argparse.Namespace(weight_dtypes=None, kv_cache_dtypes="fp8"), {})
 
 
 @pytest.mark.slow

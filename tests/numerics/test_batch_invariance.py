@@ -64,3 +64,20 @@ def test_prefix_caching_on_equals_alone(prompts, alone):
     expect = [o.outputs[0].token_ids for o in ref.generate(shared, params, use_tqdm=False)]
     assert got == expect
     assert stats["prefix_hit_tokens"] > 0
+
+
+def test_fp16_kv_cache_batched_preempted_equals_alone(llm, prompts):
+    """--kv-cache-dtype float16: rows are rounded once, when written, and every path (prefill
+    spans, the decode kernel, recompute after preemption) reads the same halves back, so batch
+    invariance holds as with the fp32 cache; a block takes half the bytes."""
+    sub = prompts[:12]
+    ref = LLM("smollm2-135m", threads=2, max_model_len=512, kv_cache_dtype="float16")
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    alone16 = [ref.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in sub]
+    # 14 blocks of 16 = 224 slots for 12 requests of up to 162 tokens: preemption is forced
+    got, stats = _together(dict(kv_cache_dtype="float16", max_num_batched_tokens=64,
+                                num_blocks=14, max_num_seqs=12, enable_prefix_caching=False),
+                           sub)
+    assert stats["num_preemptions"] > 0
+    assert got == alone16
+    assert 2 * stats["kv_bytes_per_block"] == llm.stats()["kv_bytes_per_block"]

@@ -141,6 +141,45 @@ def load_f16(typingctx: Any, arr: Any, offset: Any) -> Any:
     return types.float32(arr, offset), codegen
 
 
+def _kv_elem(arr_type: Any) -> ir.Type:
+    """LLVM element type of a KV cache array: float32, or IEEE half stored as uint16."""
+    if arr_type.dtype == types.float32:
+        return _F32
+    if arr_type.dtype == types.uint16:
+        return ir.HalfType()
+    raise TypeError(f"KV cache arrays are float32 or float16 viewed as uint16, not {arr_type}")
+
+
+@intrinsic
+def vload_kv(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """KV cache arr[offset : offset + 16] -> f32x16: a float32 array, or an IEEE half array viewed
+    as uint16 (widened exactly; `vcvtph2ps` on x86)."""
+    elem = _kv_elem(arr)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = _ptr(context, builder, sig.args[0], args[0], off, ir.VectorType(elem, VEC))
+        v = builder.load(p, align=2 if elem is not _F32 else 4)
+        return v if elem is _F32 else builder.fpext(v, _V16F)
+    return f32x16(arr, offset), codegen
+
+
+@intrinsic
+def store_kv(typingctx: Any, arr: Any, offset: Any, value: Any) -> Any:
+    """KV cache arr[offset] = value (float32): stored as is, or rounded to the nearest half (ties
+    to even, as torch's float -> float16 conversion) into a uint16-viewed half array."""
+    elem = _kv_elem(arr)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = context.cast(builder, args[2], sig.args[2], types.float32)
+        if elem is not _F32:
+            v = builder.fptrunc(v, elem)
+        builder.store(v, _ptr(context, builder, sig.args[0], args[0], off, elem))
+        return context.get_dummy_value()
+    return types.void(arr, offset, value), codegen
+
+
 @intrinsic
 def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     """a * b + c, lane-wise, fused."""
@@ -253,5 +292,6 @@ def vexp(typingctx: Any, a: Any) -> Any:
     return f32x16(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "load_f16", "vadd", "vexp", "vfma", "vload", "vload_hi4", "vload_i8",
-           "vload_lo4", "vmul", "vsplat", "vstore", "vsub", "vsum", "vsum16", "vzero"]
+__all__ = ["VEC", "f32x16", "load_f16", "store_kv", "vadd", "vexp", "vfma", "vload", "vload_hi4",
+           "vload_i8", "vload_kv", "vload_lo4", "vmul", "vsplat", "vstore", "vsub", "vsum", "vsum16",
+           "vzero"]

@@ -89,6 +89,11 @@ def test_unknown_model_and_bad_config():
     with pytest.raises(ConfigError) as e:
         EngineConfig.from_kwargs(max_num_seq=4)
     assert e.value.param == "max_num_seq"
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(kv_cache_dtype="fp8")
+    assert e.value.param == "kv_cache_dtype" and "float16" in str(e.value)
+    assert EngineConfig(dtype="bfloat16").resolved_kv_cache_dtype == "bfloat16"
+    assert EngineConfig(kv_cache_dtype="float16").resolved_kv_cache_dtype == "float16"
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

@@ -46,6 +46,33 @@ def test_rope_qkv_matches_torch_rope(t):
     assert torch.equal(v, qkv[:, (h + k) * d:].view(t, k, d))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_split_into_cache_equals_store_write(dtype):
+    """The decode path's rope kernel writing k/v straight into cache rows stores the same bits as
+    rope_qkv followed by KVStore.write's conversion (fp16: round to nearest even, as torch)."""
+    from kvwise.cache.kv_store import kernel_view
+    from kvwise.model.rope import rope_tables
+
+    h, k, d, t = 3, 2, 16, 6
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(t, (h + 2 * k) * d, generator=g) * 5
+    positions = torch.randint(0, 50, (t,), generator=g)
+    cos, sin = rope_tables(d, 10000.0, None, 50, torch.float32, torch.device("cpu"))
+    rows = torch.tensor([9, 2, 30, 4, 17, 11])
+    k_cache = torch.zeros(32, k, d, dtype=dtype)
+    v_cache = torch.zeros(32, k, d, dtype=dtype)
+    q = torch.empty(t, h, d)
+    cpu_ops.rope_split(qkv.numpy(), positions.numpy(), cos.numpy(), sin.numpy(), h, q.numpy(),
+                       kernel_view(k_cache), kernel_view(v_cache), rows.numpy())
+    q_ref, k_ref, v_ref = cpu_ops.rope_qkv(qkv, positions, cos, sin, h, k, d)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache[rows], k_ref.to(dtype))
+    assert torch.equal(v_cache[rows], v_ref.to(dtype))
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[rows] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
 @pytest.mark.parametrize("t", [1, 5, 16, 100])
 def test_silu_mul_matches_torch(t):
     g = torch.Generator().manual_seed(t)

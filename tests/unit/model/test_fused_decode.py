@@ -16,10 +16,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
            "Photosynthesis converts"]
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+@pytest.fixture(scope="module", params=[("int4", "auto"), ("int8", "auto"), ("int4", "float16")],
+                ids=lambda p: "-".join(p))
 def llm(request):
-    return LLM("smollm2-135m", weight_dtype=request.param, max_model_len=256,
-               kv_cache_memory="64MiB", threads=2)
+    weight_dtype, kv_cache_dtype = request.param
+    return LLM("smollm2-135m", weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
+               max_model_len=256, kv_cache_memory="64MiB", threads=2)
 
 
 def _run(llm: LLM, prompts: list[str]) -> tuple[list[list[int]], list[torch.Tensor]]:
