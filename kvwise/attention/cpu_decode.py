@@ -27,6 +27,7 @@ from numba import njit, prange
 from kvwise.cache.kv_store import KERNEL_KV_DTYPES, kernel_dtype, kernel_view
 from kvwise.model.quant import runtime
 from kvwise.model.quant.simd import (
+    prefetch,
     vexp,
     vfma,
     vload,
@@ -55,6 +56,85 @@ def _dot(q, qo, k_cache, ko, d):
     return acc
 
 
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def _pv3(scores, v_cache, base, n, j, vo0, inv, out, oo, d):
+    """P.V of query heads j, j+1, j+2 (one KV head) over lanes vo0 .. vo0+63 of every
+    position's V row -> out[oo + h*d ...] for h = 0, 1, 2: each V vector is loaded once for
+    the three heads (twelve running sums in registers); per head the same FMA order as the
+    one-head loop."""
+    a00 = vzero()
+    a01 = vzero()
+    a02 = vzero()
+    a03 = vzero()
+    a10 = vzero()
+    a11 = vzero()
+    a12 = vzero()
+    a13 = vzero()
+    a20 = vzero()
+    a21 = vzero()
+    a22 = vzero()
+    a23 = vzero()
+    for pos in range(n):
+        vo = base[pos] + vo0
+        v0 = vload_kv(v_cache, vo)
+        v1 = vload_kv(v_cache, vo + 16)
+        v2 = vload_kv(v_cache, vo + 32)
+        v3 = vload_kv(v_cache, vo + 48)
+        p0 = vsplat(scores[j, pos])
+        p1 = vsplat(scores[j + 1, pos])
+        p2 = vsplat(scores[j + 2, pos])
+        a00 = vfma(p0, v0, a00)
+        a01 = vfma(p0, v1, a01)
+        a02 = vfma(p0, v2, a02)
+        a03 = vfma(p0, v3, a03)
+        a10 = vfma(p1, v0, a10)
+        a11 = vfma(p1, v1, a11)
+        a12 = vfma(p1, v2, a12)
+        a13 = vfma(p1, v3, a13)
+        a20 = vfma(p2, v0, a20)
+        a21 = vfma(p2, v1, a21)
+        a22 = vfma(p2, v2, a22)
+        a23 = vfma(p2, v3, a23)
+    s0 = vsplat(inv[j])
+    s1 = vsplat(inv[j + 1])
+    s2 = vsplat(inv[j + 2])
+    vstore(out, oo, vmul(a00, s0))
+    vstore(out, oo + 16, vmul(a01, s0))
+    vstore(out, oo + 32, vmul(a02, s0))
+    vstore(out, oo + 48, vmul(a03, s0))
+    vstore(out, oo + d, vmul(a10, s1))
+    vstore(out, oo + d + 16, vmul(a11, s1))
+    vstore(out, oo + d + 32, vmul(a12, s1))
+    vstore(out, oo + d + 48, vmul(a13, s1))
+    vstore(out, oo + 2 * d, vmul(a20, s2))
+    vstore(out, oo + 2 * d + 16, vmul(a21, s2))
+    vstore(out, oo + 2 * d + 32, vmul(a22, s2))
+    vstore(out, oo + 2 * d + 48, vmul(a23, s2))
+
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def _prefetch_lines(k_cache, v_cache, block_ids, blk0, n, block_size, row, line, blk, off,
+                    count):
+    """Prefetch `count` more cache lines of one request's K rows, then its V rows (n positions
+    in blocks block_ids[blk0:]), from block `blk` (>= its block count: V's) at element `off`
+    of that block; -> the (blk, off) to continue from."""
+    nblk = (n + block_size - 1) // block_size
+    while count > 0 and blk < 2 * nblk:
+        bi = blk if blk < nblk else blk - nblk
+        start = block_ids[blk0 + bi] * block_size * row
+        size = min(block_size, n - bi * block_size) * row  # elements of this block's rows
+        stop = min(size, off + count * line)
+        count -= (stop - off + line - 1) // line
+        cache = k_cache if blk < nblk else v_cache
+        for e in range(start + off, start + stop, line):
+            prefetch(cache, e)
+        off = stop
+        if off >= size:
+            off = 0
+            blk += 1
+    return blk, off
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
     b_count, h_count, d = q.shape
@@ -62,6 +142,7 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
     group = h_count // k_count
     nb = block_ids.shape[0] // b_count
     row = k_count * d  # elements per cache row (slot): every KV head of one position
+    line = 64 // k_cache.itemsize  # elements per 64-byte cache line
     # few requests (batch-1 decode): split each request's KV heads over tasks so both cores work
     split = k_count if b_count < 4 else 1
     for task in prange(b_count * split):
@@ -84,12 +165,31 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
         scores = np.empty((hn, n), np.float32)
         sc = vsplat(scale)
         n16 = n // 16 * 16
+        # While this request computes, prefetch the next one's rows (the next task on this
+        # thread): its K lines spread over the score chunks, its V lines in a burst per KV head
+        # before P.V. The cache is read once, from DRAM, and without this the core waits on
+        # it (64 requests x 192 positions, fp16: 0.86 -> 0.70 ms per layer; fp32, with K
+        # prefetched at half that rate: 1.23 -> 1.25, unchanged).
+        nxt = b + 1 if split == 1 and b + 1 < b_count else -1
+        pf_blk = 0
+        pf_off = 0
+        pf_per = 0
+        n_next = 0
+        lines = 0
+        if nxt >= 0:
+            n_next = lens[nxt]
+            lines = 2 * ((n_next * row + line - 1) // line)  # K and V lines of the next request
+            pf_per = lines // 2 // max(1, (n16 // 16) * hn) // (k_cache.itemsize // 2) + 1
         for kh in range(kh0, kh1):
             kd = kh * d
             for g in range(group):
                 j = kh * group + g - h0
                 qo = (b * h_count + kh * group + g) * d
                 for c0 in range(0, n16, 16):
+                    if nxt >= 0:
+                        pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
+                                                         n_next, block_size, row, line, pf_blk,
+                                                         pf_off, pf_per)
                     r = vsum16(
                         _dot(q, qo, k_cache, base[c0] + kd, d),
                         _dot(q, qo, k_cache, base[c0 + 1] + kd, d),
@@ -130,8 +230,18 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
         ob = (b * h_count + h0) * d
         d64 = d // 64 * 64
         for kh in range(kh0, kh1):
-            for g in range(group):
+            if nxt >= 0:  # the next request's V rows, a third per KV head
+                pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
+                                                 n_next, block_size, row, line, pf_blk, pf_off,
+                                                 lines // (2 * k_count) + 1)
+            g = 0
+            while g + 3 <= group:  # three query heads share each V load (GQA)
                 j = kh * group + g - h0
+                for i in range(0, d64, 64):
+                    _pv3(scores, v_cache, base, n, j, kh * d + i, inv, out, ob + j * d + i, d)
+                g += 3
+            for g1 in range(g, group):
+                j = kh * group + g1 - h0
                 oo = ob + j * d
                 sv = vsplat(inv[j])
                 for i in range(0, d64, 64):
@@ -150,12 +260,14 @@ def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, o
                     vstore(out, oo + i + 16, vmul(a1, sv))
                     vstore(out, oo + i + 32, vmul(a2, sv))
                     vstore(out, oo + i + 48, vmul(a3, sv))
+            for g1 in range(group):
+                j = kh * group + g1 - h0
                 for i in range(d64, d, 16):
                     a0 = vzero()
                     for pos in range(n):
                         a0 = vfma(vsplat(scores[j, pos]),
                                   vload_kv(v_cache, base[pos] + kh * d + i), a0)
-                    vstore(out, oo + i, vmul(a0, sv))
+                    vstore(out, ob + j * d + i, vmul(a0, vsplat(inv[j])))
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")

@@ -181,6 +181,21 @@ def store_kv(typingctx: Any, arr: Any, offset: Any, value: Any) -> Any:
 
 
 @intrinsic
+def prefetch(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """Hint the cache line holding element `offset` of `arr` into the caches (`llvm.prefetch`:
+    read, high locality). No effect on results; an address past the array does not fault."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = _ptr(context, builder, sig.args[0], args[0], off, ir.IntType(8))
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, offset), codegen
+
+
+@intrinsic
 def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     """a * b + c, lane-wise, fused."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
@@ -292,6 +307,6 @@ def vexp(typingctx: Any, a: Any) -> Any:
     return f32x16(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "load_f16", "store_kv", "vadd", "vexp", "vfma", "vload", "vload_hi4",
+__all__ = ["VEC", "f32x16", "load_f16", "prefetch", "store_kv", "vadd", "vexp", "vfma", "vload", "vload_hi4",
            "vload_i8", "vload_kv", "vload_lo4", "vmul", "vsplat", "vstore", "vsub", "vsum", "vsum16",
            "vzero"]
