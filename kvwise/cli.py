@@ -168,17 +168,24 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
     from kvwise.eval.quant_quality import measure
 
     dtypes = [d for d in args.weight_dtypes.split(",") if d]
-    for d in dtypes:
-        EngineConfig.from_kwargs(weight_dtype=d)  # a clear error before any model loads
+    kv_dtypes = tuple(d for d in args.kv_cache_dtypes.split(",") if d)
+    for d in dtypes:  # a clear error before any model loads
+        EngineConfig.from_kwargs(weight_dtype=d)
+    for d in kv_dtypes:
+        EngineConfig.from_kwargs(kv_cache_dtype=d)
 
-    def make_llm(weight_dtype: str) -> Any:
-        return _make_llm(argparse.Namespace(**{**vars(args), "weight_dtype": weight_dtype}))
+    def make_llm(weight_dtype: str, kv_cache_dtype: str) -> Any:
+        kv = args.kv_cache_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+        return _make_llm(argparse.Namespace(**{**vars(args), "weight_dtype": weight_dtype,
+                                               "kv_cache_dtype": kv}))
 
     base, results = measure(make_llm, load_text(args.dataset), dtypes, args.context_len,
-                            args.num_chunks, args.num_prompts, args.prompt_len, args.max_tokens)
+                            args.num_chunks, args.num_prompts, args.prompt_len, args.max_tokens,
+                            kv_dtypes)
     print(f"quant weight_dtype=fp32 ppl={base:.6f}")
     for r in results:
-        print(f"quant weight_dtype={r.weight_dtype} ppl={r.ppl:.6f} rel_ppl={r.rel_ppl:+.4%} "
+        kv = "" if r.kv_cache_dtype == "auto" else f" kv_cache_dtype={r.kv_cache_dtype}"
+        print(f"quant weight_dtype={r.weight_dtype}{kv} ppl={r.ppl:.6f} rel_ppl={r.rel_ppl:+.4%} "
               f"greedy_agreement={r.agreement:.4f} prompts={args.num_prompts} "
               f"tokens={args.max_tokens}")
     return 0
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_ppl)
     e = esub.add_parser("quant", help="quantized weights vs fp32: perplexity and greedy agreement")
     e.add_argument("--weight-dtypes", default="int8,int4", help="comma list to compare with fp32")
+    e.add_argument("--kv-cache-dtypes", default="auto",
+                   help="cross them with these KV cache dtypes, e.g. auto,float16 (the fp32 "
+                        "base keeps --kv-cache-dtype)")
     e.add_argument("--dataset", default="pydoc-topics", help="pydoc-topics | bible-kjv")
     e.add_argument("--context-len", type=int, default=1024)
     e.add_argument("--num-chunks", type=int, default=8)

@@ -1,5 +1,5 @@
-"""Quality of quantized weights against fp32 from the same checkpoint: perplexity and greedy
-agreement (`kvwise eval quant`).
+"""Quality of quantized weights (and of a narrower KV cache) against fp32 from the same
+checkpoint: perplexity and greedy agreement (`kvwise eval quant`).
 
 Perplexity runs each configuration through the engine's own cache path (eval/perplexity.py);
 greedy agreement decodes the same prompts with fp32 and the quantized configuration and counts,
@@ -25,6 +25,7 @@ from kvwise.sampling_params import SamplingParams
 @dataclass(frozen=True)
 class QuantQuality:
     weight_dtype: str
+    kv_cache_dtype: str  # "auto": the base's
     ppl: float
     rel_ppl: float  # ppl / fp32 ppl - 1
     agreement: float  # tokens before the first divergence / all tokens
@@ -54,10 +55,11 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int
 
 
 def measure(make_llm: Any, text: str, weight_dtypes: list[str], context_len: int,
-            num_chunks: int, num_prompts: int, prompt_len: int,
-            max_tokens: int) -> tuple[float, list[QuantQuality]]:
-    """-> fp32 perplexity, one QuantQuality per dtype. `make_llm(weight_dtype)` builds an LLM."""
-    base = make_llm("fp32")
+            num_chunks: int, num_prompts: int, prompt_len: int, max_tokens: int,
+            kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> tuple[float, list[QuantQuality]]:
+    """-> fp32 perplexity, one QuantQuality per (weight dtype, KV cache dtype).
+    `make_llm(weight_dtype, kv_cache_dtype)` builds an LLM; the base is ("fp32", "auto")."""
+    base = make_llm("fp32", "auto")
     ids = base.get_tokenizer().encode(text, add_special_tokens=False)
     prompts = agreement_prompts(ids, num_prompts, prompt_len)
     base_ppl = perplexity(base.engine, text, context_len, num_chunks).ppl
@@ -65,9 +67,10 @@ def measure(make_llm: Any, text: str, weight_dtypes: list[str], context_len: int
     del base
     out = []
     for wd in weight_dtypes:
-        llm = make_llm(wd)
-        ppl = perplexity(llm.engine, text, context_len, num_chunks).ppl
-        agree = prefix_agreement(greedy(llm, prompts, max_tokens), base_out)
-        out.append(QuantQuality(wd, ppl, ppl / base_ppl - 1, agree))
-        del llm
+        for kv in kv_cache_dtypes:
+            llm = make_llm(wd, kv)
+            ppl = perplexity(llm.engine, text, context_len, num_chunks).ppl
+            agree = prefix_agreement(greedy(llm, prompts, max_tokens), base_out)
+            out.append(QuantQuality(wd, kv, ppl, ppl / base_ppl - 1, agree))
+            del llm
     return base_ppl, out

@@ -53,18 +53,23 @@ def test_eval_ppl_last_line(tmp_path):
 
 
 def test_eval_quant_reports_each_dtype_against_fp32():
-    proc = kvwise("eval", "quant", "--weight-dtypes", "int8", "--context-len", "128",
-                  "--num-chunks", "1", "--num-prompts", "2", "--prompt-len", "16",
-                  "--max-tokens", "8", *ENGINE)
+    proc = kvwise("eval", "quant", "--weight-dtypes", "int8", "--kv-cache-dtypes",
+                  "auto,float16", "--context-len", "128", "--num-chunks", "1", "--num-prompts",
+                  "2", "--prompt-len", "16", "--max-tokens", "8", *ENGINE)
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.strip().splitlines()
              if line.startswith("quant ")]
-    assert [line[1] for line in lines] == ["weight_dtype=fp32", "weight_dtype=int8"]
-    fields = dict(item.split("=", 1) for item in lines[1][1:])
-    assert abs(float(fields["rel_ppl"].rstrip("%"))) < 5  # percent; int8 is within ~0.5%
-    assert 0.0 <= float(fields["greedy_agreement"]) <= 1.0
+    assert [line[1] for line in lines] == ["weight_dtype=fp32", "weight_dtype=int8",
+                                           "weight_dtype=int8"]
+    assert lines[2][2] == "kv_cache_dtype=float16"
+    for line in lines[1:]:
+        fields = dict(item.split("=", 1) for item in line[1:])
+        assert abs(float(fields["rel_ppl"].rstrip("%"))) < 5  # percent; int8 is within ~0.5%
+        assert 0.0 <= float(fields["greedy_agreement"]) <= 1.0
 
 
 def test_eval_quant_rejects_unknown_dtype():
     proc = kvwise("eval", "quant", "--weight-dtypes", "int3", *ENGINE)
     assert proc.returncode != 0 and "weight_dtype" in proc.stderr
+    proc = kvwise("eval", "quant", "--kv-cache-dtypes", "fp8", *ENGINE)
+    assert proc.returncode != 0 and "kv_cache_dtype" in proc.stderr
