@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvwise.model.quant.dispatch import BF16_NATIVE, Workspace
+from kvwise.model.quant.dispatch import BF16_NATIVE, Workspace, pack_bf16
 
 
 class QuantLinear(nn.Module):
@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
         """Keep a bf16 copy of the dequantized weight for large-T GEMMs on a CPU with native bf16
         (dispatch.py). -> whether the copy exists."""
         if BF16_NATIVE and self.qweight.device.type == "cpu" and self.weight_bf16 is None:
-            self.weight_bf16 = self.dequantize().bfloat16()
+            self.weight_bf16 = pack_bf16(self.dequantize().bfloat16())
         return self.weight_bf16 is not None
 
     def _cpu_input(self, x: torch.Tensor) -> torch.Tensor:
