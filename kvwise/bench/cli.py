@@ -7,12 +7,16 @@ Invariants:
 - Engine flags are kvwise's own (`kvwise.config.add_engine_args`); only flags the user set reach
   `LLM(**kwargs)`, except `threads`, which is always fixed so that every engine gets the same count.
 - Result lines go to stdout, progress to stderr; peers that cannot run print a `skip` line.
-- One engine is loaded at a time and released before the next.
+- By default every engine is loaded first and run i of each is taken in turn (round-robin,
+  `report.measure_interleaved`), so machine drift hits all engines alike; `--one-at-a-time`
+  loads one engine at a time, measures all its runs and releases it before the next.
+- Warm-up runs are unmeasured; run i of every engine uses the same prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import shlex
@@ -22,11 +26,11 @@ from typing import Any, Optional, Union
 
 from kvwise.bench import report
 from kvwise.bench.attention import add_attention_bench_parser
-from kvwise.bench.latency import measure_latency
-from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable
+from kvwise.bench.latency import latency_call
+from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable, Runner
 from kvwise.bench.prefix import add_prefix_bench_parser
 from kvwise.bench.serving import add_serving_bench_parser
-from kvwise.bench.throughput import measure_throughput
+from kvwise.bench.throughput import throughput_call
 from kvwise.bench.workloads import (
     LatencyWorkload,
     ModelFiles,
@@ -97,6 +101,9 @@ def add_common_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs before them")
     parser.add_argument("--peers", type=_peers, default=list(PEER_NAMES),
                         help="comma list of peers to compare with: hf,llamacpp (default) or none")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="load and measure one engine at a time (less memory) instead of "
+                             "loading all and interleaving their runs")
     parser.add_argument("--skip-kvwise", action="store_true",
                         help="measure only the peers (no ratio lines)")
     parser.add_argument("--output-md", default="BENCHMARKS.md",
@@ -140,12 +147,12 @@ def add_bench_parser(subparsers: Any) -> None:
 
 def run_latency(args: argparse.Namespace) -> int:
     workload = LatencyWorkload(args.decode_prompt_len, args.decode_tokens, args.prefill_len)
-    return _run("latency", args, workload, measure_latency)
+    return _run("latency", args, workload, latency_call)
 
 
 def run_throughput(args: argparse.Namespace) -> int:
     workload = ThroughputWorkload(args.num_requests, args.prompt_len, args.output_len)
-    return _run("throughput", args, workload, measure_throughput)
+    return _run("throughput", args, workload, throughput_call)
 
 
 def _engine_kwargs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
@@ -156,8 +163,13 @@ def _engine_kwargs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     return kwargs
 
 
-def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool) -> list[str]:
+def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool,
+           one_at_a_time: bool) -> list[str]:
     notes = []
+    if len(engines) > 1:
+        notes.append("engines measured one at a time (--one-at-a-time)." if one_at_a_time else
+                     "all engines loaded, then run i of each taken in turn (round-robin), so "
+                     "drift of this shared machine slows every engine's run i alike.")
     if "llamacpp" in engines:
         notes.append(f"llamacpp computes on the GGUF's quantized weights; kvwise (activations "
                      f"{dtype}) and hf (float32) on weights dequantized from the same GGUF, "
@@ -182,7 +194,7 @@ def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool) -> list[st
 
 
 def _run(bench: str, args: argparse.Namespace, workload: Workload,
-         measure_fn: Callable[..., list[report.Result]]) -> int:
+         make_call: Callable[..., report.Call]) -> int:
     if args.runs < 1 or args.warmup < 0:
         print("error: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
@@ -199,39 +211,70 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
         print(f"error: --weight-dtypes/--kv-cache-dtypes: {e}", file=sys.stderr)
         return 2
     engines = ([] if args.skip_kvwise else list(configs)) + list(args.peers)
-    _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}")
+    order = "one at a time" if args.one_at_a_time else "interleaved"
+    _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}; "
+         f"runs {order}")
     corpus = build_corpus(load_encoder(files), workload.tokens_needed(args.warmup + args.runs))
+    loader = functools.partial(_load, configs=configs, engine_kwargs=engine_kwargs, files=files,
+                               threads=threads, workload=workload)
+    measured = functools.partial(_measure, bench=bench, workload=workload, corpus=corpus,
+                                 args=args, make_call=make_call)
     results: list[report.Result] = []
-    for name in engines:
-        results += _measure_engine(name, configs.get(name, engine_kwargs), files, threads,
-                                   workload, corpus, args, measure_fn)
+    if args.one_at_a_time:
+        for name in engines:
+            runner = loader(name)
+            if runner is not None:
+                results += measured([runner])
+    else:
+        runners = [r for r in map(loader, engines) if r is not None]
+        results = measured(runners)
     for line in report.ratio_lines(results):
         print(line, flush=True)
     dtype = engine_kwargs.get("dtype", EngineConfig().dtype)
-    notes = _notes(bench, engines, dtype, corpus.wrapped)
+    notes = _notes(bench, engines, dtype, corpus.wrapped, args.one_at_a_time)
     _publish(bench, args, results, workload, threads, notes)
     return 0
 
 
-def _measure_engine(name: str, engine_kwargs: dict[str, Any], files: ModelFiles, threads: int,
-                    workload: Workload, corpus: Any, args: argparse.Namespace,
-                    measure_fn: Callable[..., list[report.Result]]) -> list[report.Result]:
+def _load(name: str, configs: dict[str, dict[str, Any]], engine_kwargs: dict[str, Any],
+          files: ModelFiles, threads: int, workload: Workload) -> Optional[Runner]:
+    """-> the engine's runner, or None after printing its skip line."""
     _log(f"loading {name}")
     # kvwise configurations (kvwise_configs) arrive with their own engine kwargs
     factory = RUNNERS["kvwise" if name.startswith("kvwise") else name]
     try:
-        runner = factory(engine_kwargs, files, threads, workload.max_context)
+        runner = factory(configs.get(name, engine_kwargs), files, threads, workload.max_context)
     except PeerUnavailable as e:
         print(report.skip_line(name, str(e)), flush=True)
-        return []
+        return None
     runner.name = name
+    return runner
+
+
+def _measure(runners: list[Runner], bench: str, workload: Workload, corpus: Any,
+             args: argparse.Namespace, make_call: Callable[..., report.Call]
+             ) -> list[report.Result]:
+    """Measure these runners together (round-robin), print their result lines, close them."""
+    count = args.warmup + args.runs
+    names = ",".join(r.name for r in runners)
+    # only throughput results carry the runner's note ("sequential")
+    notes = {r.name: r.throughput_note if bench == "throughput" else None for r in runners}
     try:
-        _log(f"measuring {name}: {args.warmup} warm-up + {args.runs} runs")
-        results = measure_fn(runner, workload, corpus, args.runs, args.warmup)
+        calls = {r.name: make_call(r, workload, corpus, count) for r in runners}
+
+        def on_round(i: int) -> None:
+            kind = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1}/{args.runs}"
+            _log(f"measuring {names}: {kind}")
+
+        values = report.measure_interleaved(calls, args.runs, args.warmup, on_round)
     finally:
-        runner.close()
-        del runner
+        for runner in runners:
+            runner.close()
+        runners.clear()
         gc.collect()
+    results = [report.Result(bench, name, metric, tuple(vals),
+                             notes[name])
+               for name, metrics in values.items() for metric, vals in metrics.items()]
     for r in results:
         print(r.line(), flush=True)
     return results

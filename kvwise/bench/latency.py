@@ -11,24 +11,21 @@ Invariants:
 from __future__ import annotations
 
 from kvwise.bench.peers import Runner
-from kvwise.bench.report import Result, measure
+from kvwise.bench.report import Call
 from kvwise.bench.workloads import LatencyWorkload, TokenCorpus
 
 BENCH = "latency"
 
 
-def measure_latency(runner: Runner, workload: LatencyWorkload, corpus: TokenCorpus, runs: int,
-                    warmup: int) -> list[Result]:
-    decode_prompts, prefill_prompts = workload.prompts(corpus, warmup + runs)
+def latency_call(runner: Runner, workload: LatencyWorkload, corpus: TokenCorpus,
+                 count: int) -> Call:
+    """-> call(i): the i-th decode then the i-th prefill measurement, {metric: tok/s}."""
+    decode_prompts, prefill_prompts = workload.prompts(corpus, count)
     n = workload.decode_tokens
 
-    def decode_rate(i: int) -> float:
-        return (n - 1) / runner.decode_seconds(decode_prompts[i], n)
+    def call(i: int) -> dict[str, float]:
+        decode = (n - 1) / runner.decode_seconds(decode_prompts[i], n)
+        prefill = len(prefill_prompts[i]) / runner.prefill_seconds(prefill_prompts[i])
+        return {"decode_tok_s": decode, "prefill_tok_s": prefill}
 
-    def prefill_rate(i: int) -> float:
-        return len(prefill_prompts[i]) / runner.prefill_seconds(prefill_prompts[i])
-
-    return [
-        Result(BENCH, runner.name, "decode_tok_s", tuple(measure(decode_rate, runs, warmup))),
-        Result(BENCH, runner.name, "prefill_tok_s", tuple(measure(prefill_rate, runs, warmup))),
-    ]
+    return call

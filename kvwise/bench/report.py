@@ -56,6 +56,30 @@ def measure(fn: Callable[[int], float], runs: int, warmup: int) -> list[float]:
     return [fn(warmup + i) for i in range(runs)]
 
 
+# One measurement of one engine: call(i) -> {metric: value}; i picks the workload's i-th prompts.
+Call = Callable[[int], dict[str, float]]
+
+
+def measure_interleaved(calls: dict[str, Call], runs: int, warmup: int,
+                        on_round: Optional[Callable[[int], None]] = None
+                        ) -> dict[str, dict[str, list[float]]]:
+    """Round i calls every engine's `call(i)` in turn (warm-up rounds first, discarded).
+
+    -> {engine: {metric: the `runs` measured values}}. Interleaving makes a drifting machine
+    (other tenants, clock changes) slow every engine's run i alike instead of whichever engine
+    happened to be measured during the slow minutes; ratios of medians are then comparable."""
+    values: dict[str, dict[str, list[float]]] = {name: {} for name in calls}
+    for i in range(warmup + runs):
+        if on_round is not None:
+            on_round(i)
+        for name, call in calls.items():
+            got = call(i)
+            if i >= warmup:
+                for metric, value in got.items():
+                    values[name].setdefault(metric, []).append(value)
+    return values
+
+
 def skip_line(engine: str, reason: str) -> str:
     return f'skip engine={engine} reason="{reason}"'
 

@@ -13,20 +13,20 @@ Invariants:
 from __future__ import annotations
 
 from kvwise.bench.peers import Runner
-from kvwise.bench.report import Result, measure
+from kvwise.bench.report import Call
 from kvwise.bench.workloads import ThroughputWorkload, TokenCorpus
 
 BENCH = "throughput"
 
 
-def measure_throughput(runner: Runner, workload: ThroughputWorkload, corpus: TokenCorpus,
-                       runs: int, warmup: int) -> list[Result]:
-    batches = workload.prompts(corpus, warmup + runs)
-    seconds = measure(lambda i: runner.batch_seconds(batches[i], workload.output_len), runs, warmup)
-    note = runner.throughput_note
-    return [
-        Result(BENCH, runner.name, "output_tok_s",
-               tuple(workload.num_output_tokens / s for s in seconds), note),
-        Result(BENCH, runner.name, "total_tok_s",
-               tuple(workload.num_total_tokens / s for s in seconds), note),
-    ]
+def throughput_call(runner: Runner, workload: ThroughputWorkload, corpus: TokenCorpus,
+                    count: int) -> Call:
+    """-> call(i): one batch of the i-th prompts, {metric: tok/s}."""
+    batches = workload.prompts(corpus, count)
+
+    def call(i: int) -> dict[str, float]:
+        seconds = runner.batch_seconds(batches[i], workload.output_len)
+        return {"output_tok_s": workload.num_output_tokens / seconds,
+                "total_tok_s": workload.num_total_tokens / seconds}
+
+    return call

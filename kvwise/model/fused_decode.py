@@ -177,6 +177,6 @@ class FusedDecode:
               self.attn_scale, self.eps, self.embed, self.model.cos.numpy(),
               self.model.sin.numpy(), self.norms_in, self.norms_post, self.norm_final,
               self.qkv_w, self.o_w, self.gu_w, self.down_w, self.head_w, self.dec_int4,
-              self.head_int4, kernel_view(kv.k), kernel_view(kv.v), self.model.cfg.num_heads, x, h, qkv, q,
-              attn, tmp, gu, act, logits.numpy())
+              self.head_int4, kernel_view(kv.k), kernel_view(kv.v), self.model.cfg.num_heads,
+              x, h, qkv, q, attn, tmp, gu, act, logits.numpy())
         return logits

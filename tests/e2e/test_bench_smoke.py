@@ -58,7 +58,7 @@ def _check_files(md: Path, png: Path, kind: str, engine: str) -> None:
 
 def test_latency_smoke(engine: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     md, png, out_args = _outputs(tmp_path, "latency")
-    lines = _run(capsys, [*TINY_LATENCY, "--peers", "none", *out_args])
+    lines = _run(capsys, [*TINY_LATENCY, "--peers", "none", "--one-at-a-time", *out_args])
     _check_results(lines, "latency", "kvwise", {"decode_tok_s", "prefill_tok_s"})
     _check_files(md, png, "latency", "kvwise")
 
@@ -72,6 +72,25 @@ def test_throughput_smoke(engine: None, tmp_path: Path,
     for engine_name in ("kvwise-int4", "kvwise-int4-kvf16"):
         _check_results(lines, "throughput", engine_name, {"output_tok_s", "total_tok_s"})
         _check_files(md, png, "throughput", engine_name)
+    assert "round-robin" in md.read_text()  # both loaded, runs interleaved (the default)
+
+
+def test_measure_interleaved_takes_run_i_of_every_engine_in_turn() -> None:
+    calls: list[tuple[str, int]] = []
+    rounds: list[int] = []
+
+    def engine(name: str) -> report.Call:
+        def call(i: int) -> dict[str, float]:
+            calls.append((name, i))
+            return {"a_tok_s": 10.0 * i, "b_tok_s": 10.0 * i + 1}
+        return call
+
+    values = report.measure_interleaved({"x": engine("x"), "y": engine("y")}, runs=2, warmup=1,
+                                        on_round=rounds.append)
+    assert calls == [("x", 0), ("y", 0), ("x", 1), ("y", 1), ("x", 2), ("y", 2)]
+    assert rounds == [0, 1, 2]
+    assert values == {"x": {"a_tok_s": [10.0, 20.0], "b_tok_s": [11.0, 21.0]},
+                      "y": {"a_tok_s": [10.0, 20.0], "b_tok_s": [11.0, 21.0]}}
 
 
 def test_kvwise_configs_cross_weight_and_kv_dtypes() -> None:

@@ -307,6 +307,6 @@ def vexp(typingctx: Any, a: Any) -> Any:
     return f32x16(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "load_f16", "prefetch", "store_kv", "vadd", "vexp", "vfma", "vload", "vload_hi4",
-           "vload_i8", "vload_kv", "vload_lo4", "vmul", "vsplat", "vstore", "vsub", "vsum", "vsum16",
-           "vzero"]
+__all__ = ["VEC", "f32x16", "load_f16", "prefetch", "store_kv", "vadd", "vexp", "vfma", "vload",
+           "vload_hi4", "vload_i8", "vload_kv", "vload_lo4", "vmul", "vsplat", "vstore", "vsub",
+           "vsum", "vsum16", "vzero"]
