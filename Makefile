@@ -24,6 +24,7 @@ run: install
 		--message "Explain in three sentences what a KV cache is in a transformer."
 
 test: install
+	$(VENV)/bin/ruff check kvwise tests
 	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider tests  # tests import torch before kvwise
 
 serve: install
