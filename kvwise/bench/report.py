@@ -49,13 +49,6 @@ class Result:
         return text if self.note is None else f"{text} note={self.note}"
 
 
-def measure(fn: Callable[[int], float], runs: int, warmup: int) -> list[float]:
-    """Call `fn(i)` for i in 0..warmup+runs-1; keep the last `runs` values (i picks the prompt)."""
-    for i in range(warmup):
-        fn(i)
-    return [fn(warmup + i) for i in range(runs)]
-
-
 # One measurement of one engine: call(i) -> {metric: value}; i picks the workload's i-th prompts.
 Call = Callable[[int], dict[str, float]]
 
