@@ -14,8 +14,6 @@ from kvwise.bench.peers import Runner
 from kvwise.bench.report import Call
 from kvwise.bench.workloads import LatencyWorkload, TokenCorpus
 
-BENCH = "latency"
-
 
 def latency_call(runner: Runner, workload: LatencyWorkload, corpus: TokenCorpus,
                  count: int) -> Call:

@@ -16,8 +16,6 @@ from kvwise.bench.peers import Runner
 from kvwise.bench.report import Call
 from kvwise.bench.workloads import ThroughputWorkload, TokenCorpus
 
-BENCH = "throughput"
-
 
 def throughput_call(runner: Runner, workload: ThroughputWorkload, corpus: TokenCorpus,
                     count: int) -> Call:
