@@ -37,6 +37,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
 WEIGHT_DTYPES = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
 KV_CACHE_DTYPES = ("auto",) + DTYPES
+ACTIVATION_QUANTS = ("none", "int8")  # inputs of the int4 CPU decode kernels
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class EngineConfig:
     weight_dtype: str = "fp32"  # decoder projections: fp32 | int8 | int4 (weight-only quant)
     lm_head_dtype: Optional[str] = None  # None: weight_dtype, but int8 when that is int4
     kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16
+    activation_quant: str = "none"  # none | int8: int4 layers' CPU decode kernels take int8 inputs
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -93,6 +95,17 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype",
                       f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.activation_quant not in ACTIVATION_QUANTS:
+            raise bad("activation_quant",
+                      f"must be one of {ACTIVATION_QUANTS}, got {self.activation_quant!r}")
+        if self.activation_quant != "none":
+            if "int4" not in (self.weight_dtype, self.lm_head_dtype):
+                raise bad("activation_quant", f"{self.activation_quant} applies to int4 layers; "
+                          f"set weight_dtype=int4 (or lm_head_dtype=int4), got weight_dtype="
+                          f"{self.weight_dtype!r}")
+            if self.device != "cpu":
+                raise bad("activation_quant", f"{self.activation_quant} is implemented by the "
+                          f"CPU kernels only, got device={self.device!r}")
 
     @property
     def resolved_kv_cache_dtype(self) -> str:
@@ -135,6 +148,9 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("kv_cache_dtype", str, "KV cache storage: auto (= --dtype) | float32 | float16 | bfloat16; "
                             "narrower halves the bytes decode attention reads (math stays in "
                             "--dtype)"),
+    ("activation_quant", str, "none | int8: int4 layers round each decode step's activations "
+                              "to int8 per 32 values and use integer dot products (CPU; "
+                              "llama.cpp's Q8 activations)"),
 ]
 
 

@@ -138,139 +138,152 @@ def _prefetch_lines(k_cache, v_cache, block_ids, blk0, n, block_size, row, line,
     return blk, off
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def num_tasks(q, k_cache):
+    """-> (tasks, split): one task per request, or per (request, KV head) when there are fewer
+    than 4 requests (batch-1 decode: so both cores work)."""
+    split = k_cache.shape[1] if q.shape[0] < 4 else 1
+    return q.shape[0] * split, split
+
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out, task, split):
+    """Task `task` of `num_tasks`: request task // split, its KV heads part task % split."""
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]
     group = h_count // k_count
     nb = block_ids.shape[0] // b_count
     row = k_count * d  # elements per cache row (slot): every KV head of one position
     line = 64 // k_cache.itemsize  # elements per 64-byte cache line
-    # few requests (batch-1 decode): split each request's KV heads over tasks so both cores work
-    split = k_count if b_count < 4 else 1
-    for task in prange(b_count * split):
-        b = task // split
-        part = task % split
-        kh0 = part * k_count // split
-        kh1 = (part + 1) * k_count // split
-        h0 = kh0 * group
-        hn = (kh1 - kh0) * group  # query heads of this task
-        n = lens[b]
-        base = np.empty(n, np.int64)  # flat offset of each position's cache row
-        pos = 0
-        blk = b * nb
-        while pos < n:  # block by block: no division per position
-            start = block_ids[blk] * block_size * row
-            for s in range(min(block_size, n - pos)):
-                base[pos + s] = start + s * row
-            pos += block_size
-            blk += 1
-        scores = np.empty((hn, n), np.float32)
-        sc = vsplat(scale)
-        n16 = n // 16 * 16
-        # While this request computes, prefetch the next one's rows (the next task on this
-        # thread): its K lines spread over the score chunks, its V lines in a burst per KV head
-        # before P.V. The cache is read once, from DRAM, and without this the core waits on
-        # it (64 requests x 192 positions, fp16: 0.86 -> 0.70 ms per layer; fp32, with K
-        # prefetched at half that rate: 1.23 -> 1.25, unchanged).
-        nxt = b + 1 if split == 1 and b + 1 < b_count else -1
-        pf_blk = 0
-        pf_off = 0
-        pf_per = 0
-        n_next = 0
-        lines = 0
-        if nxt >= 0:
-            n_next = lens[nxt]
-            lines = 2 * ((n_next * row + line - 1) // line)  # K and V lines of the next request
-            pf_per = lines // 2 // max(1, (n16 // 16) * hn) // (k_cache.itemsize // 2) + 1
-        for kh in range(kh0, kh1):
-            kd = kh * d
-            for g in range(group):
-                j = kh * group + g - h0
-                qo = (b * h_count + kh * group + g) * d
-                for c0 in range(0, n16, 16):
-                    if nxt >= 0:
-                        pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
-                                                         n_next, block_size, row, line, pf_blk,
-                                                         pf_off, pf_per)
-                    r = vsum16(
-                        _dot(q, qo, k_cache, base[c0] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 1] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 2] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 3] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 4] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 5] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 6] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 7] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 8] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 9] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 10] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 11] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 12] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 13] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 14] + kd, d),
-                        _dot(q, qo, k_cache, base[c0 + 15] + kd, d))
-                    vstore(scores, j * n + c0, vmul(r, sc))
-                for pos in range(n16, n):
-                    scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
-        inv = np.empty(hn, np.float32)
-        for j in range(hn):
-            m = scores[j, 0]
-            for pos in range(1, n):
-                m = max(m, scores[j, pos])
-            total = np.float32(0.0)
-            mv = vsplat(m)
-            body = n // 16 * 16
-            for pos in range(0, body, 16):  # 16 exponentials per vector op (simd.vexp)
-                e = vexp(vsub(vload(scores, j * n + pos), mv))
-                vstore(scores, j * n + pos, e)
-                total += vsum(e)
-            for pos in range(body, n):
-                e = np.exp(scores[j, pos] - m)
-                scores[j, pos] = e
-                total += e
-            inv[j] = np.float32(1.0) / total
-        ob = (b * h_count + h0) * d
-        d64 = d // 64 * 64
-        for kh in range(kh0, kh1):
-            if nxt >= 0:  # the next request's V rows, a third per KV head
-                pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
-                                                 n_next, block_size, row, line, pf_blk, pf_off,
-                                                 lines // (2 * k_count) + 1)
-            g = 0
-            while g + 3 <= group:  # three query heads share each V load (GQA)
-                j = kh * group + g - h0
-                for i in range(0, d64, 64):
-                    _pv3(scores, v_cache, base, n, j, kh * d + i, inv, out, ob + j * d + i, d)
-                g += 3
-            for g1 in range(g, group):
-                j = kh * group + g1 - h0
-                oo = ob + j * d
-                sv = vsplat(inv[j])
-                for i in range(0, d64, 64):
-                    a0 = vzero()
-                    a1 = vzero()
-                    a2 = vzero()
-                    a3 = vzero()
-                    for pos in range(n):
-                        p = vsplat(scores[j, pos])
-                        vo = base[pos] + kh * d + i
-                        a0 = vfma(p, vload_kv(v_cache, vo), a0)
-                        a1 = vfma(p, vload_kv(v_cache, vo + 16), a1)
-                        a2 = vfma(p, vload_kv(v_cache, vo + 32), a2)
-                        a3 = vfma(p, vload_kv(v_cache, vo + 48), a3)
-                    vstore(out, oo + i, vmul(a0, sv))
-                    vstore(out, oo + i + 16, vmul(a1, sv))
-                    vstore(out, oo + i + 32, vmul(a2, sv))
-                    vstore(out, oo + i + 48, vmul(a3, sv))
-            for g1 in range(group):
-                j = kh * group + g1 - h0
-                for i in range(d64, d, 16):
-                    a0 = vzero()
-                    for pos in range(n):
-                        a0 = vfma(vsplat(scores[j, pos]),
-                                  vload_kv(v_cache, base[pos] + kh * d + i), a0)
-                    vstore(out, ob + j * d + i, vmul(a0, vsplat(inv[j])))
+    b = task // split
+    part = task % split
+    kh0 = part * k_count // split
+    kh1 = (part + 1) * k_count // split
+    h0 = kh0 * group
+    hn = (kh1 - kh0) * group  # query heads of this task
+    n = lens[b]
+    base = np.empty(n, np.int64)  # flat offset of each position's cache row
+    pos = 0
+    blk = b * nb
+    while pos < n:  # block by block: no division per position
+        start = block_ids[blk] * block_size * row
+        for s in range(min(block_size, n - pos)):
+            base[pos + s] = start + s * row
+        pos += block_size
+        blk += 1
+    scores = np.empty((hn, n), np.float32)
+    sc = vsplat(scale)
+    n16 = n // 16 * 16
+    # While this request computes, prefetch the next one's rows (the next task on this
+    # thread): its K lines spread over the score chunks, its V lines in a burst per KV head
+    # before P.V. The cache is read once, from DRAM, and without this the core waits on
+    # it (64 requests x 192 positions, fp16: 0.86 -> 0.70 ms per layer; fp32, with K
+    # prefetched at half that rate: 1.23 -> 1.25, unchanged).
+    nxt = b + 1 if split == 1 and b + 1 < b_count else -1
+    pf_blk = 0
+    pf_off = 0
+    pf_per = 0
+    n_next = 0
+    lines = 0
+    if nxt >= 0:
+        n_next = lens[nxt]
+        lines = 2 * ((n_next * row + line - 1) // line)  # K and V lines of the next request
+        pf_per = lines // 2 // max(1, (n16 // 16) * hn) // (k_cache.itemsize // 2) + 1
+    for kh in range(kh0, kh1):
+        kd = kh * d
+        for g in range(group):
+            j = kh * group + g - h0
+            qo = (b * h_count + kh * group + g) * d
+            for c0 in range(0, n16, 16):
+                if nxt >= 0:
+                    pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
+                                                     n_next, block_size, row, line, pf_blk,
+                                                     pf_off, pf_per)
+                r = vsum16(
+                    _dot(q, qo, k_cache, base[c0] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 1] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 2] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 3] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 4] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 5] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 6] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 7] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 8] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 9] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 10] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 11] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 12] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 13] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 14] + kd, d),
+                    _dot(q, qo, k_cache, base[c0 + 15] + kd, d))
+                vstore(scores, j * n + c0, vmul(r, sc))
+            for pos in range(n16, n):
+                scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
+    inv = np.empty(hn, np.float32)
+    for j in range(hn):
+        m = scores[j, 0]
+        for pos in range(1, n):
+            m = max(m, scores[j, pos])
+        total = np.float32(0.0)
+        mv = vsplat(m)
+        body = n // 16 * 16
+        for pos in range(0, body, 16):  # 16 exponentials per vector op (simd.vexp)
+            e = vexp(vsub(vload(scores, j * n + pos), mv))
+            vstore(scores, j * n + pos, e)
+            total += vsum(e)
+        for pos in range(body, n):
+            e = np.exp(scores[j, pos] - m)
+            scores[j, pos] = e
+            total += e
+        inv[j] = np.float32(1.0) / total
+    ob = (b * h_count + h0) * d
+    d64 = d // 64 * 64
+    for kh in range(kh0, kh1):
+        if nxt >= 0:  # the next request's V rows, a third per KV head
+            pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
+                                             n_next, block_size, row, line, pf_blk, pf_off,
+                                             lines // (2 * k_count) + 1)
+        g = 0
+        while g + 3 <= group:  # three query heads share each V load (GQA)
+            j = kh * group + g - h0
+            for i in range(0, d64, 64):
+                _pv3(scores, v_cache, base, n, j, kh * d + i, inv, out, ob + j * d + i, d)
+            g += 3
+        for g1 in range(g, group):
+            j = kh * group + g1 - h0
+            oo = ob + j * d
+            sv = vsplat(inv[j])
+            for i in range(0, d64, 64):
+                a0 = vzero()
+                a1 = vzero()
+                a2 = vzero()
+                a3 = vzero()
+                for pos in range(n):
+                    p = vsplat(scores[j, pos])
+                    vo = base[pos] + kh * d + i
+                    a0 = vfma(p, vload_kv(v_cache, vo), a0)
+                    a1 = vfma(p, vload_kv(v_cache, vo + 16), a1)
+                    a2 = vfma(p, vload_kv(v_cache, vo + 32), a2)
+                    a3 = vfma(p, vload_kv(v_cache, vo + 48), a3)
+                vstore(out, oo + i, vmul(a0, sv))
+                vstore(out, oo + i + 16, vmul(a1, sv))
+                vstore(out, oo + i + 32, vmul(a2, sv))
+                vstore(out, oo + i + 48, vmul(a3, sv))
+        for g1 in range(group):
+            j = kh * group + g1 - h0
+            for i in range(d64, d, 16):
+                a0 = vzero()
+                for pos in range(n):
+                    a0 = vfma(vsplat(scores[j, pos]),
+                              vload_kv(v_cache, base[pos] + kh * d + i), a0)
+                vstore(out, ob + j * d + i, vmul(a0, vsplat(inv[j])))
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
+def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
+    tasks, split = num_tasks(q, k_cache)
+    for task in prange(tasks):
+        attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out, task, split)
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")

@@ -72,7 +72,7 @@ def _load_quantized(model: LlamaModel, weights: Mapping[str, Any], config: Engin
     head built quantized. Consumes `weights` (a dict or a LazyGGUFWeights)."""
     from kvwise.model import quant  # numba is imported only when a quantized format is used
 
-    workspace = quant.Workspace(config.threads)
+    workspace = quant.Workspace(config.threads, act_int8=config.activation_quant == "int8")
     head_dtype = quant.lm_head_dtype(config.weight_dtype, config.lm_head_dtype)
     raw = getattr(weights, "raw", None)  # GGUF blocks when the source is a lazy GGUF
 

@@ -30,14 +30,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 from numba.typed import List
 
 from kvwise.attention import cpu_decode
 from kvwise.attention.backend import AttentionMetadata
 from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
 from kvwise.model import cpu_ops
-from kvwise.model.quant import kernels, runtime
+from kvwise.model.quant import kernels, runtime, team
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 from kvwise.model.quant.int4 import Int4Linear
 from kvwise.model.quant.int8 import Int8Linear
@@ -45,20 +45,34 @@ from kvwise.model.quant.int8 import Int8Linear
 _FASTMATH = set(runtime.EXACT_FASTMATH)
 
 
-@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-def _linear(x, w, is_int4, out):
-    """out [T, N] = x [T, K] @ W.T for one quantized layer w = (q, scale, minv, bias); int8 codes
-    arrive as uint8 bits (the kernels load them as signed bytes)."""
+CHUNK_ROWS = 32  # output rows per claimed chunk of a projection (a few us of work)
+
+
+@njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+def _linear(sync, phase, member, members, x, w, is_int4, a8, out, scratch):
+    """Phase `phase`: out [T, N] = x [T, K] @ W.T for one quantized layer w = (q, scale, minv,
+    bias), CHUNK_ROWS rows per chunk; int8 codes arrive as uint8 bits (the kernels load them as
+    signed bytes). a8: int4 with int8 activations. `scratch` = (xsum, codes, xq, dxp): this
+    member's buffers (each member prepares the input itself: the same values, no extra phase)."""
     q, scale, minv, bias = w
-    if is_int4:
-        if x.shape[0] == 1:
-            kernels._int4_gemv(x, q, scale, minv, bias, out)
+    xsum, codes, xq, dxp = scratch
+    n = scale.shape[0]
+    chunks = (n + CHUNK_ROWS - 1) // CHUNK_ROWS
+    c = team.claim(sync, phase, member, members, chunks)
+    if c >= 0 and is_int4:
+        kernels.int4_prepare(x, scale.shape[1], xsum, xq, dxp, a8)
+    done = 0
+    while c >= 0:
+        r0 = c * CHUNK_ROWS
+        r1 = min(n, r0 + CHUNK_ROWS)
+        if is_int4:
+            kernels.int4_rows(x, q, scale, minv, bias, out, xsum, codes, xq, dxp, a8, r0, r1)
         else:
-            kernels._int4_gemm_small(x, q, scale, minv, bias, out)
-    elif x.shape[0] == 1:
-        kernels._int8_gemv(x, q, scale, bias, out)
-    else:
-        kernels._int8_gemm_small(x, q, scale, bias, out)
+            kernels.int8_rows(x, q, scale, bias, out, codes, r0, r1)
+        done += 1
+        c = team.claim(sync, phase, member, members, chunks)
+    team.finish(sync, phase, members, done)
+    team.wait(sync, phase, members, chunks)
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
@@ -69,29 +83,91 @@ def _add(x, y):
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-def _step(tokens, positions, slots, block_ids, lens, block_size, attn_scale, eps, embed, cos,
-          sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w, down_w, head_w, dec_int4,
-          head_int4, k_cache, v_cache, num_heads, x, h, qkv, q, attn, tmp, gu, act, logits):
+def _member(sync, member, members, tokens, positions, slots, block_ids, lens, block_size,
+            attn_scale, eps, embed, cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w,
+            down_w, head_w, dec_int4, head_int4, dec_a8, head_a8, k_cache, v_cache, num_heads, x,
+            h, qkv, q, attn, tmp, gu, act, logits):
+    """One team member's walk through the step's phases (team.py); every member runs this."""
     t_count = tokens.shape[0]
-    for t in range(t_count):
-        x[t, :] = embed[tokens[t]]
+    num_layers = norms_in.shape[0]
     flat_attn = attn.reshape(t_count, attn.shape[1] * attn.shape[2])
-    for layer in range(norms_in.shape[0]):
-        cpu_ops.rms_norm_serial(x, norms_in[layer], eps, h)
-        _linear(h, qkv_w[layer], dec_int4, qkv)
-        cpu_ops.rope_split(qkv, positions, cos, sin, num_heads, q, k_cache[layer], v_cache[layer],
-                           slots)
-        cpu_decode.decode_attention_into(q, k_cache[layer], v_cache[layer], block_ids, lens,
-                                     block_size, attn_scale, attn)
-        _linear(flat_attn, o_w[layer], dec_int4, tmp)
-        _add(x, tmp)
-        cpu_ops.rms_norm_serial(x, norms_post[layer], eps, h)
-        _linear(h, gu_w[layer], dec_int4, gu)
-        cpu_ops.silu_mul_serial(gu, act)
-        _linear(act, down_w[layer], dec_int4, tmp)
-        _add(x, tmp)
-    cpu_ops.rms_norm_serial(x, norm_final, eps, h)
-    _linear(h, head_w, head_int4, logits)
+    k_max = max(x.shape[1], act.shape[1])
+    xsum = np.empty((t_count, k_max // 32), np.float32)
+    codes = np.empty(k_max, np.float32)
+    xq = np.empty((t_count, k_max), np.int8)
+    dxp = np.empty((t_count, (k_max // 32 + 1) // 2 * 16), np.float32)
+    scr = (xsum, codes, xq, dxp)
+    tasks, split = cpu_decode.num_tasks(q, k_cache[0])
+    p = 0
+    if team.serial(sync, p, members):
+        for t in range(t_count):
+            x[t, :] = embed[tokens[t]]
+        cpu_ops.rms_norm_serial(x, norms_in[0], eps, h)
+        team.finish(sync, p, members, 1)
+    team.wait(sync, p, members, 1)
+    p += 1
+    for layer in range(num_layers):
+        _linear(sync, p, member, members, h, qkv_w[layer], dec_int4, dec_a8, qkv, scr)
+        p += 1
+        if team.serial(sync, p, members):
+            cpu_ops.rope_split(qkv, positions, cos, sin, num_heads, q, k_cache[layer],
+                               v_cache[layer], slots)
+            team.finish(sync, p, members, 1)
+        team.wait(sync, p, members, 1)
+        p += 1
+        c = team.claim(sync, p, member, members, tasks)
+        done = 0
+        while c >= 0:
+            cpu_decode.attention_task(q, k_cache[layer], v_cache[layer], block_ids, lens,
+                                      block_size, attn_scale, attn, c, split)
+            done += 1
+            c = team.claim(sync, p, member, members, tasks)
+        team.finish(sync, p, members, done)
+        team.wait(sync, p, members, tasks)
+        p += 1
+        _linear(sync, p, member, members, flat_attn, o_w[layer], dec_int4, dec_a8, tmp, scr)
+        p += 1
+        if team.serial(sync, p, members):
+            _add(x, tmp)
+            cpu_ops.rms_norm_serial(x, norms_post[layer], eps, h)
+            team.finish(sync, p, members, 1)
+        team.wait(sync, p, members, 1)
+        p += 1
+        _linear(sync, p, member, members, h, gu_w[layer], dec_int4, dec_a8, gu, scr)
+        p += 1
+        if team.serial(sync, p, members):
+            cpu_ops.silu_mul_serial(gu, act)
+            team.finish(sync, p, members, 1)
+        team.wait(sync, p, members, 1)
+        p += 1
+        _linear(sync, p, member, members, act, down_w[layer], dec_int4, dec_a8, tmp, scr)
+        p += 1
+        if team.serial(sync, p, members):
+            _add(x, tmp)
+            if layer + 1 < num_layers:
+                cpu_ops.rms_norm_serial(x, norms_in[layer + 1], eps, h)
+            else:
+                cpu_ops.rms_norm_serial(x, norm_final, eps, h)
+            team.finish(sync, p, members, 1)
+        team.wait(sync, p, members, 1)
+        p += 1
+    _linear(sync, p, member, members, h, head_w, head_int4, head_a8, logits, scr)
+
+
+PHASES_PER_LAYER = 9  # phases `_member` walks per layer (4 projections, 5 others)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
+def _step(members, tokens, positions, slots, block_ids, lens, block_size, attn_scale, eps, embed,
+          cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w, down_w, head_w, dec_int4,
+          head_int4, dec_a8, head_a8, k_cache, v_cache, num_heads, x, h, qkv, q, attn, tmp, gu,
+          act, logits):
+    sync = team.counters(2 + PHASES_PER_LAYER * norms_in.shape[0], members)
+    for member in prange(members):
+        _member(sync, member, members, tokens, positions, slots, block_ids, lens, block_size,
+                attn_scale, eps, embed, cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w,
+                gu_w, down_w, head_w, dec_int4, head_int4, dec_a8, head_a8, k_cache, v_cache,
+                num_heads, x, h, qkv, q, attn, tmp, gu, act, logits)
 
 
 def _arrays(layer: torch.nn.Module) -> Optional[tuple[np.ndarray, ...]]:
@@ -172,11 +248,14 @@ class FusedDecode:
         t = input_ids.shape[0]
         x, h, qkv, q, attn, tmp, gu, act = (b[:t] for b in self._bufs)
         logits = torch.empty(t, self.embed.shape[0])
-        _step(input_ids.numpy(), positions.numpy(), meta.slot_mapping.numpy(),
-              meta.decode_block_ids.numpy(), meta.decode_context_lens.numpy(), meta.block_size,
+        a8 = self.workspace.act_int8
+        _step(self.workspace.num_threads, input_ids.numpy(), positions.numpy(),
+              meta.slot_mapping.numpy(), meta.decode_block_ids.numpy(),
+              meta.decode_context_lens.numpy(), meta.block_size,
               self.attn_scale, self.eps, self.embed, self.model.cos.numpy(),
               self.model.sin.numpy(), self.norms_in, self.norms_post, self.norm_final,
               self.qkv_w, self.o_w, self.gu_w, self.down_w, self.head_w, self.dec_int4,
-              self.head_int4, kernel_view(kv.k), kernel_view(kv.v), self.model.cfg.num_heads,
-              x, h, qkv, q, attn, tmp, gu, act, logits.numpy())
+              self.head_int4, self.dec_int4 and a8, self.head_int4 and a8, kernel_view(kv.k),
+              kernel_view(kv.v), self.model.cfg.num_heads, x, h, qkv, q, attn, tmp, gu, act,
+              logits.numpy())
         return logits

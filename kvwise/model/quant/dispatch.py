@@ -54,8 +54,10 @@ class Workspace:
     """Scratch memory and settings shared by all quantized layers of one model (not thread-safe:
     one engine thread runs the model)."""
 
-    def __init__(self, num_threads: Optional[int] = None) -> None:
+    def __init__(self, num_threads: Optional[int] = None, act_int8: bool = False) -> None:
         self.num_threads = num_threads or torch.get_num_threads()
+        # int4 layers' CPU decode kernels round activations to int8 (`--activation-quant int8`)
+        self.act_int8 = act_int8
         self._buf = torch.empty(0)
         self._threads_set_in: Optional[int] = None  # id of the thread that last applied them
 

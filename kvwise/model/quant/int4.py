@@ -63,7 +63,8 @@ class Int4Linear(QuantLinear):
         q, scale, minv, bias = self._arrays
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)
-            kernels.int4_matmul(x2.numpy(), q, scale, minv, bias, out.numpy())
+            kernels.int4_matmul(x2.numpy(), q, scale, minv, bias, out.numpy(),
+                                a8=self.workspace.act_int8)
         elif self.weight_bf16 is not None:
             out = bf16_matmul(x2, self.weight_bf16, self.bias)
         else:

@@ -63,3 +63,32 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minv: tor
     """x [T, K] -> [T, N] in x's dtype."""
     w = dequantize_int4(q, scale, minv).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+ACT_BLOCK = 32  # activations per int8 scale (`quantize_activations`)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x [T, K] -> (codes int8 [T, K], d fp32 [T, K/32]): per block of 32 values
+    d = max|x| / 127 and code = round-half-even(x * (127 / max|x|)), 0 for an all-zero block.
+    x ~= codes * d (the kernels' `a8` input; kernels.quantize_activations computes the same)."""
+    t, k = x.shape
+    blocks = x.float().reshape(t, k // ACT_BLOCK, ACT_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
+    codes = torch.round(blocks * inv).to(torch.int8)
+    return codes.reshape(t, k), (amax / 127.0).reshape(t, k // ACT_BLOCK)
+
+
+def int4_linear_a8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The int8-activation form of `int4_linear` in float64: sum_k xq_k d_b(k) q_k s_g(k) plus
+    the minimum terms on the unrounded x (sum_k x_k m_g(k)) -> [T, N] float64."""
+    codes, d = quantize_activations(x)
+    xd = (codes.double().reshape(x.shape[0], -1, ACT_BLOCK) * d.double().unsqueeze(-1))
+    xd = xd.reshape(x.shape)
+    n, g = scale.shape
+    gs = x.shape[1] // g
+    qs = unpack_int4(q).double() * scale.double().repeat_interleave(gs, dim=1)
+    out = xd @ qs.T + x.double() @ minv.double().repeat_interleave(gs, dim=1).T
+    return out if bias is None else out + bias.double()

@@ -307,6 +307,153 @@ def vexp(typingctx: Any, a: Any) -> Any:
     return f32x16(a), codegen
 
 
-__all__ = ["VEC", "f32x16", "load_f16", "prefetch", "store_kv", "vadd", "vexp", "vfma", "vload",
-           "vload_hi4", "vload_i8", "vload_kv", "vload_lo4", "vmul", "vsplat", "vstore", "vsub",
-           "vsum", "vsum16", "vzero"]
+# -- integer dot products (int4 weights x int8 activations) --------------------------------------
+
+_V16I32 = ir.VectorType(ir.IntType(32), VEC)
+_V64I8 = ir.VectorType(ir.IntType(8), 64)
+
+
+def _vnni() -> bool:
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("avx512vnni"))
+    except Exception:  # pragma: no cover - platforms without feature detection
+        return False
+
+
+VNNI = _vnni()  # AVX-512 VNNI: vpdpbusd does 64 u8 x s8 products into 16 int32 lanes
+
+
+def _dot_u8s8(builder: ir.IRBuilder, w: Any, x: Any) -> Any:
+    """<64 x i8> unsigned w, signed x -> <16 x i32> with lane j = sum_{t<4} w[4j+t] * x[4j+t]
+    (exact: |products| <= 255 * 128, four per lane)."""
+    if VNNI:
+        fnty = ir.FunctionType(_V16I32, [_V16I32] * 3)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [ir.Constant(_V16I32, [0] * VEC), builder.bitcast(w, _V16I32),
+                                 builder.bitcast(x, _V16I32)])
+    i32 = ir.VectorType(ir.IntType(32), VEC)
+    acc = None
+    for t in range(4):
+        mask = ir.Constant(i32, [4 * j + t for j in range(VEC)])
+        wt = builder.zext(builder.shuffle_vector(w, w, mask), _V16I32)
+        xt = builder.sext(builder.shuffle_vector(x, x, mask), _V16I32)
+        prod = builder.mul(wt, xt)
+        acc = prod if acc is None else builder.add(acc, prod)
+    return acc
+
+
+def _codes64(builder: ir.IRBuilder, packed: Any) -> Any:
+    """<32 x i8> packed int4 (two GGUF sub-blocks b, b+1) -> <64 x i8> codes [low nibbles of
+    both, high nibbles of both] = elements [32b..+16, 32(b+1)..+16, 32b+16..+16, 32(b+1)+16..+16]
+    (`pair_order`)."""
+    v32 = ir.VectorType(ir.IntType(8), 32)
+    lo = builder.and_(packed, ir.Constant(v32, [15] * 32))
+    hi = builder.and_(builder.lshr(packed, ir.Constant(v32, [4] * 32)), ir.Constant(v32, [15] * 32))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 64),
+                                                      list(range(64))))
+
+
+@intrinsic
+def vdot_q4q8(typingctx: Any, q: Any, qoff: Any, xq: Any, xoff: Any) -> Any:
+    """Two 32-element blocks b, b+1: uint8 q[qoff : qoff + 32] (packed int4, sub-block order)
+    against int8 xq[xoff : xoff + 64] holding the same elements in pair order (`_codes64`) ->
+    f32x16 of exact integer partial sums: lanes 0-3 and 8-11 belong to block b, lanes 4-7 and
+    12-15 to block b+1 (the layout of `vscale_pair`)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        qo = context.cast(builder, args[1], sig.args[1], types.intp)
+        xo = context.cast(builder, args[3], sig.args[3], types.intp)
+        v32 = ir.VectorType(ir.IntType(8), 32)
+        packed = builder.load(_ptr(context, builder, sig.args[0], args[0], qo, v32), align=1)
+        x = builder.load(_ptr(context, builder, sig.args[2], args[2], xo, _V64I8), align=1)
+        return builder.sitofp(_dot_u8s8(builder, _codes64(builder, packed), x), _V16F)
+    return f32x16(q, qoff, xq, xoff), codegen
+
+
+@intrinsic
+def vscale_pair(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """IEEE halves (uint16 arr) a = arr[offset], b = arr[offset + 1] -> f32x16 with a in lanes
+    0-3 and 8-11, b in lanes 4-7 and 12-15 (the block layout of `vdot_q4q8`)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        h2 = ir.VectorType(ir.HalfType(), 2)
+        v = builder.fpext(builder.load(_ptr(context, builder, sig.args[0], args[0], off, h2),
+                                       align=2), ir.VectorType(_F32, 2))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), VEC), ([0] * 4 + [1] * 4) * 2)
+        return builder.shuffle_vector(v, v, mask)
+    return f32x16(arr, offset), codegen
+
+
+@intrinsic
+def vdot_q4q8_half(typingctx: Any, q: Any, qoff: Any, xq: Any, xoff: Any) -> Any:
+    """One 32-element block (the last of a K that is an odd number of blocks): uint8
+    q[qoff : qoff + 16] against int8 xq[xoff : xoff + 32] in element order -> f32x16 whose lanes
+    0-3 and 8-11 hold its partial sums and lanes 4-7, 12-15 are 0 (`vdot_q4q8`'s layout)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        qo = context.cast(builder, args[1], sig.args[1], types.intp)
+        xo = context.cast(builder, args[3], sig.args[3], types.intp)
+        v16 = ir.VectorType(ir.IntType(8), 16)
+        v32 = ir.VectorType(ir.IntType(8), 32)
+        i32 = ir.IntType(32)
+        packed = builder.load(_ptr(context, builder, sig.args[0], args[0], qo, v16), align=1)
+        packed = builder.shuffle_vector(packed, ir.Constant(v16, [0] * 16),
+                                        ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+        x = builder.load(_ptr(context, builder, sig.args[2], args[2], xo, v32), align=1)
+        x = builder.shuffle_vector(x, ir.Constant(v32, [0] * 32),
+                                   ir.Constant(ir.VectorType(i32, 64), list(range(64))))
+        codes = _codes64(builder, packed)  # [lo 16, 0 x 16, hi 16, 0 x 16]
+        x = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, 64), list(range(16))
+                                                     + list(range(32, 48)) + list(range(16, 32))
+                                                     + list(range(48, 64))))
+        return builder.sitofp(_dot_u8s8(builder, codes, x), _V16F)
+    return f32x16(q, qoff, xq, xoff), codegen
+
+
+@intrinsic
+def vpair(typingctx: Any, a: Any, b: Any) -> Any:
+    """float32 a, b -> f32x16 with lanes 0-7 = a and lanes 8-15 = b."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        va = context.cast(builder, args[0], sig.args[0], types.float32)
+        vb = context.cast(builder, args[1], sig.args[1], types.float32)
+        v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), va, ir.Constant(i32, 0))
+        v = builder.insert_element(v, vb, ir.Constant(i32, 8))
+        mask = ir.Constant(ir.VectorType(i32, VEC), [0] * 8 + [8] * 8)
+        return builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined), mask)
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vabsmax32(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """max |arr[offset : offset + 32]| of a float32 array -> float32."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        a = builder.load(_ptr(context, builder, sig.args[0], args[0], off, _V16F), align=4)
+        off2 = builder.add(off, ir.Constant(off.type, VEC))
+        b = builder.load(_ptr(context, builder, sig.args[0], args[0], off2, _V16F), align=4)
+        a = _call_v(builder, "llvm.fabs.v16f32", [a])
+        b = _call_v(builder, "llvm.fabs.v16f32", [b])
+        v = _call_v(builder, "llvm.maxnum.v16f32", [a, b])
+        fnty = ir.FunctionType(_F32, [_V16F])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(fn, [v])
+    return types.float32(arr, offset), codegen
+
+
+@intrinsic
+def vstore_rint_i8(typingctx: Any, arr: Any, offset: Any, vec: Any) -> Any:
+    """int8 arr[offset : offset + 16] = round-half-to-even(vec) (lanes must lie in -128..127)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        r = _call_v(builder, "llvm.rint.v16f32", [args[2]])
+        builder.store(builder.fptosi(r, _V16I8),
+                      _ptr(context, builder, sig.args[0], args[0], off, _V16I8), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, offset, vec), codegen
+
+
+__all__ = ["VEC", "VNNI", "f32x16", "load_f16", "prefetch", "store_kv", "vabsmax32", "vadd",
+           "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma", "vload", "vload_hi4", "vload_i8",
+           "vload_kv", "vload_lo4", "vmul", "vpair", "vscale_pair", "vsplat", "vstore",
+           "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]
