@@ -169,22 +169,28 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
 
     dtypes = [d for d in args.weight_dtypes.split(",") if d]
     kv_dtypes = tuple(d for d in args.kv_cache_dtypes.split(",") if d)
+    act_quants = tuple(d for d in args.activation_quants.split(",") if d)
     for d in dtypes:  # a clear error before any model loads
         EngineConfig.from_kwargs(weight_dtype=d)
     for d in kv_dtypes:
         EngineConfig.from_kwargs(kv_cache_dtype=d)
+    for d in act_quants:
+        EngineConfig.from_kwargs(weight_dtype="int4", activation_quant=d)
 
-    def make_llm(weight_dtype: str, kv_cache_dtype: str) -> Any:
+    def make_llm(weight_dtype: str, kv_cache_dtype: str, activation_quant: str) -> Any:
         kv = args.kv_cache_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         return _make_llm(argparse.Namespace(**{**vars(args), "weight_dtype": weight_dtype,
-                                               "kv_cache_dtype": kv}))
+                                               "kv_cache_dtype": kv,
+                                               "activation_quant": activation_quant}))
 
     base, results = measure(make_llm, load_text(args.dataset), dtypes, args.context_len,
                             args.num_chunks, args.num_prompts, args.prompt_len, args.max_tokens,
-                            kv_dtypes)
+                            kv_dtypes, act_quants)
     print(f"quant weight_dtype=fp32 ppl={base:.6f}")
     for r in results:
         kv = "" if r.kv_cache_dtype == "auto" else f" kv_cache_dtype={r.kv_cache_dtype}"
+        if r.activation_quant != "none":
+            kv += f" activation_quant={r.activation_quant}"
         print(f"quant weight_dtype={r.weight_dtype}{kv} ppl={r.ppl:.6f} rel_ppl={r.rel_ppl:+.4%} "
               f"greedy_agreement={r.agreement:.4f} prompts={args.num_prompts} "
               f"tokens={args.max_tokens}")
@@ -227,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-dtypes", default="auto",
                    help="cross them with these KV cache dtypes, e.g. auto,float16 (the fp32 "
                         "base keeps --kv-cache-dtype)")
+    e.add_argument("--activation-quants", default="none",
+                   help="cross the int4 entries with these, e.g. none,int8; int8 activations "
+                        "apply to steps of <= 16 tokens, so score with "
+                        "--max-num-batched-tokens 16 to measure them")
     e.add_argument("--dataset", default="pydoc-topics", help="pydoc-topics | bible-kjv")
     e.add_argument("--context-len", type=int, default=1024)
     e.add_argument("--num-chunks", type=int, default=8)

@@ -72,6 +72,10 @@ def add_weight_dtypes_arg(parser: argparse.ArgumentParser) -> None:
                         help="also cross the kvwise runs with these KV cache dtypes, e.g. "
                              "auto,float16 (engines kvwise-<dtype>-kv<f16>; auto adds no "
                              "suffix); default: --kv-cache-dtype only")
+    parser.add_argument("--activation-quants", default=None, metavar="LIST",
+                        help="also cross the int4 runs with these activation quantizations, "
+                             "e.g. none,int8 (engines kvwise-int4-a8; none adds no suffix); "
+                             "default: --activation-quant only")
 
 
 def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
@@ -80,18 +84,28 @@ def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
     (--weight-dtypes x --kv-cache-dtypes); raises ConfigError naming the bad entry."""
     weights = [d for d in (getattr(args, "weight_dtypes", None) or "").split(",") if d]
     kvs = [d for d in (getattr(args, "kv_cache_dtypes", None) or "").split(",") if d]
+    aqs = [d for d in (getattr(args, "activation_quants", None) or "").split(",") if d]
+    for aq in aqs:
+        EngineConfig.from_kwargs(weight_dtype="int4", activation_quant=aq)
     configs: dict[str, dict[str, Any]] = {}
     for w in weights or [None]:
         for kv in kvs or [None]:
-            kwargs, name = dict(engine_kwargs), "kvwise"
-            if w is not None:
-                kwargs["weight_dtype"], name = w, f"{name}-{w}"
-            if kv is not None:
-                kwargs["kv_cache_dtype"] = kv
-                if kv != "auto":
-                    name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
-            EngineConfig.from_kwargs(**kwargs)  # validate all before any model loads
-            configs[name] = kwargs
+            for aq in aqs or [None]:
+                kwargs, name = dict(engine_kwargs), "kvwise"
+                if w is not None:
+                    kwargs["weight_dtype"], name = w, f"{name}-{w}"
+                if aq is not None:
+                    if aq != "none" and kwargs.get("weight_dtype") != "int4":
+                        continue  # int8 activations are an int4 kernel mode
+                    kwargs["activation_quant"] = aq
+                if kv is not None:
+                    kwargs["kv_cache_dtype"] = kv
+                    if kv != "auto":
+                        name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
+                if aq not in (None, "none"):
+                    name = f"{name}-a{aq.removeprefix('int')}"
+                EngineConfig.from_kwargs(**kwargs)  # validate all before any model loads
+                configs[name] = kwargs
     return configs
 
 

@@ -26,6 +26,7 @@ from kvwise.sampling_params import SamplingParams
 class QuantQuality:
     weight_dtype: str
     kv_cache_dtype: str  # "auto": the base's
+    activation_quant: str  # "none" | "int8" (int4 weights only)
     ppl: float
     rel_ppl: float  # ppl / fp32 ppl - 1
     agreement: float  # tokens before the first divergence / all tokens
@@ -56,10 +57,16 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int
 
 def measure(make_llm: Any, text: str, weight_dtypes: list[str], context_len: int,
             num_chunks: int, num_prompts: int, prompt_len: int, max_tokens: int,
-            kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> tuple[float, list[QuantQuality]]:
-    """-> fp32 perplexity, one QuantQuality per (weight dtype, KV cache dtype).
-    `make_llm(weight_dtype, kv_cache_dtype)` builds an LLM; the base is ("fp32", "auto")."""
-    base = make_llm("fp32", "auto")
+            kv_cache_dtypes: tuple[str, ...] = ("auto",),
+            activation_quants: tuple[str, ...] = ("none",)) -> tuple[float, list[QuantQuality]]:
+    """-> fp32 perplexity, one QuantQuality per (weight dtype, KV cache dtype, activation
+    quant), the last crossed with int4 only. `make_llm(weight_dtype, kv_cache_dtype,
+    activation_quant)` builds an LLM; the base is ("fp32", "auto", "none").
+
+    Perplexity scores prompts, so it measures the kernels of prompt-sized steps; int8
+    activations apply to steps of <= SMALL_BATCH_MAX tokens, which the caller reaches with
+    max_num_batched_tokens <= 16 (the CLI says so)."""
+    base = make_llm("fp32", "auto", "none")
     ids = base.get_tokenizer().encode(text, add_special_tokens=False)
     prompts = agreement_prompts(ids, num_prompts, prompt_len)
     base_ppl = perplexity(base.engine, text, context_len, num_chunks).ppl
@@ -68,9 +75,12 @@ def measure(make_llm: Any, text: str, weight_dtypes: list[str], context_len: int
     out = []
     for wd in weight_dtypes:
         for kv in kv_cache_dtypes:
-            llm = make_llm(wd, kv)
-            ppl = perplexity(llm.engine, text, context_len, num_chunks).ppl
-            agree = prefix_agreement(greedy(llm, prompts, max_tokens), base_out)
-            out.append(QuantQuality(wd, kv, ppl, ppl / base_ppl - 1, agree))
-            del llm
+            for aq in activation_quants:
+                if aq != "none" and wd != "int4":
+                    continue
+                llm = make_llm(wd, kv, aq)
+                ppl = perplexity(llm.engine, text, context_len, num_chunks).ppl
+                agree = prefix_agreement(greedy(llm, prompts, max_tokens), base_out)
+                out.append(QuantQuality(wd, kv, aq, ppl, ppl / base_ppl - 1, agree))
+                del llm
     return base_ppl, out

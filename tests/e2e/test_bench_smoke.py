@@ -106,6 +106,13 @@ def test_kvwise_configs_cross_weight_and_kv_dtypes() -> None:
     assert configs["kvwise-int4-kvf16"] == {"threads": 2, "weight_dtype": "int4",
                                             "kv_cache_dtype": "float16"}
     assert list(kvwise_configs(argparse.Namespace(), {})) == ["kvwise"]
+    args = argparse.Namespace(weight_dtypes="int8,int4", kv_cache_dtypes="float16",
+                              activation_quants="none,int8")
+    configs = kvwise_configs(args, {})
+    assert list(configs) == ["kvwise-int8-kvf16", "kvwise-int4-kvf16", "kvwise-int4-kvf16-a8"]
+    assert configs["kvwise-int4-kvf16-a8"]["activation_quant"] == "int8"
+    with pytest.raises(ConfigError, match="activation_quant"):
+        kvwise_configs(argparse.Namespace(weight_dtypes="int4", activation_quants="int2"), {})
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         kvwise_configs(argparse.Namespace(weight_dtypes=None, kv_cache_dtypes="fp8"), {})
 

@@ -244,39 +244,49 @@ def _int4_a8_rows(x, q, scale, minv, bias, out, xsum, xq, dxp, r0, r1):
     gs = k // num_groups
     row_bytes = k // 2
     nb = k // 32
+    npairs = nb // 2
     has_bias = bias.shape[0] > 0
+    # per pair of blocks: its first block's group, and whether the second is in the same group
+    # (no integer division in the row loop)
+    pair_group = np.empty(npairs + 1, np.int64)
+    pair_same = np.empty(npairs + 1, np.bool_)
+    for pi in range(npairs + 1):
+        pair_group[pi] = min(2 * pi, nb - 1) * 32 // gs
+        pair_same[pi] = (2 * pi + 1) * 32 // gs == pair_group[pi]
     o = r0
     while o < r1:
         o1 = o + 1 if o + 1 < r1 else o
+        s_row0 = o * num_groups
+        s_row1 = o1 * num_groups
         for t in range(t_count):
             xr = xq[t]
             dr = dxp[t]
             a0 = vzero()
             a1 = vzero()
-            b = 0
-            while b < nb:
-                ga = b * 32 // gs
-                dv = vload(dr, b * 8)
-                if b + 1 < nb:
-                    if (b + 1) * 32 // gs == ga:
-                        s0 = vmul(vsplat(load_f16(scale, o * num_groups + ga)), dv)
-                        s1 = vmul(vsplat(load_f16(scale, o1 * num_groups + ga)), dv)
-                    else:
-                        s0 = vmul(vscale_pair(scale, o * num_groups + ga), dv)
-                        s1 = vmul(vscale_pair(scale, o1 * num_groups + ga), dv)
-                    a0 = vfma(vdot_q4q8(q, o * row_bytes + b * 16, xr, b * 32), s0, a0)
-                    a1 = vfma(vdot_q4q8(q, o1 * row_bytes + b * 16, xr, b * 32), s1, a1)
+            for pi in range(npairs):
+                ga = pair_group[pi]
+                dv = vload(dr, pi * 16)
+                if pair_same[pi]:
+                    s0 = vmul(vsplat(load_f16(scale, s_row0 + ga)), dv)
+                    s1 = vmul(vsplat(load_f16(scale, s_row1 + ga)), dv)
                 else:
-                    s0 = vmul(vsplat(load_f16(scale, o * num_groups + ga)), dv)
-                    s1 = vmul(vsplat(load_f16(scale, o1 * num_groups + ga)), dv)
-                    a0 = vfma(vdot_q4q8_half(q, o * row_bytes + b * 16, xr, b * 32), s0, a0)
-                    a1 = vfma(vdot_q4q8_half(q, o1 * row_bytes + b * 16, xr, b * 32), s1, a1)
-                b += 2
+                    s0 = vmul(vscale_pair(scale, s_row0 + ga), dv)
+                    s1 = vmul(vscale_pair(scale, s_row1 + ga), dv)
+                a0 = vfma(vdot_q4q8(q, o * row_bytes + pi * 32, xr, pi * 64), s0, a0)
+                a1 = vfma(vdot_q4q8(q, o1 * row_bytes + pi * 32, xr, pi * 64), s1, a1)
+            if nb % 2:
+                ga = pair_group[npairs]
+                b = nb - 1
+                dv = vload(dr, npairs * 16)
+                s0 = vmul(vsplat(load_f16(scale, s_row0 + ga)), dv)
+                s1 = vmul(vsplat(load_f16(scale, s_row1 + ga)), dv)
+                a0 = vfma(vdot_q4q8_half(q, o * row_bytes + b * 16, xr, b * 32), s0, a0)
+                a1 = vfma(vdot_q4q8_half(q, o1 * row_bytes + b * 16, xr, b * 32), s1, a1)
             y0 = vsum(a0)
             y1 = vsum(a1)
             for g in range(num_groups):
-                y0 += load_f16(minv, o * num_groups + g) * xsum[t, g]
-                y1 += load_f16(minv, o1 * num_groups + g) * xsum[t, g]
+                y0 += load_f16(minv, s_row0 + g) * xsum[t, g]
+                y1 += load_f16(minv, s_row1 + g) * xsum[t, g]
             out[t, o] = y0 + bias[o] if has_bias else y0
             out[t, o1] = y1 + bias[o1] if has_bias else y1
         o += 2

@@ -75,7 +75,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, k = x.shape
     blocks = x.float().reshape(t, k // ACT_BLOCK, ACT_BLOCK)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
+    # a tensor numerator: `127.0 / t` is reciprocal(t) * 127 in torch, rounded differently
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, 1.0),
+                      0.0)
     codes = torch.round(blocks * inv).to(torch.int8)
     return codes.reshape(t, k), (amax / 127.0).reshape(t, k // ACT_BLOCK)
 

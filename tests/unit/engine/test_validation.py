@@ -93,6 +93,15 @@ def test_unknown_model_and_bad_config():
         EngineConfig(kv_cache_dtype="fp8")
     assert e.value.param == "kv_cache_dtype" and "float16" in str(e.value)
     assert EngineConfig(dtype="bfloat16").resolved_kv_cache_dtype == "bfloat16"
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(activation_quant="int4", weight_dtype="int4")
+    assert e.value.param == "activation_quant" and "int8" in str(e.value)
+    with pytest.raises(ConfigError, match="int4 layers") as e:
+        EngineConfig(activation_quant="int8", weight_dtype="int8")
+    assert e.value.param == "activation_quant"
+    with pytest.raises(ConfigError, match="CPU"):
+        EngineConfig(activation_quant="int8", weight_dtype="int4", device="cuda")
+    EngineConfig(activation_quant="int8", weight_dtype="fp32", lm_head_dtype="int4")
     assert EngineConfig(kv_cache_dtype="float16").resolved_kv_cache_dtype == "float16"
 
 

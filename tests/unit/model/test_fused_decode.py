@@ -16,11 +16,14 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
            "Photosynthesis converts"]
 
 
-@pytest.fixture(scope="module", params=[("int4", "auto"), ("int8", "auto"), ("int4", "float16")],
+@pytest.fixture(scope="module", params=[("int4", "auto", "none"), ("int8", "auto", "none"),
+                                        ("int4", "float16", "none"), ("int4", "auto", "int8")],
                 ids=lambda p: "-".join(p))
 def llm(request):
-    weight_dtype, kv_cache_dtype = request.param
+    weight_dtype, kv_cache_dtype, activation_quant = request.param
     return LLM("smollm2-135m", weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
+               activation_quant=activation_quant,
+               lm_head_dtype="int4" if activation_quant == "int8" else None,  # an int4 a8 head
                max_model_len=256, kv_cache_memory="64MiB", threads=2)
 
 

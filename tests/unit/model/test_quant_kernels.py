@@ -100,6 +100,57 @@ def test_int4_matmul_matches_reference(shape, gs):
 
 
 @SETTINGS
+@given(st.integers(1, SMALL_BATCH_MAX), st.integers(1, 96), st.sampled_from([32, 64, 96, 576]),
+       st.sampled_from([32, 64, 96]), st.booleans(), st.integers(0, 2**31))
+def test_int4_int8_activation_kernel_matches_reference(t, n, k, gs, with_bias, seed):
+    """a8 (int8 activations): the kernel equals the float64 reference of the same quantized
+    inputs to fp32 accumulation, and a token's row is bit-identical alone and in the batch."""
+    if k % gs:
+        gs = 32
+    rng = np.random.default_rng(seed)
+    q, scale, minv = _int4_weight(rng, n, k, gs)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) if with_bias else None
+    x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32) * 3)
+    x[0, : min(k, 32)] = 0.0  # an all-zero block (scale 0)
+    b = bias.numpy() if bias is not None else np.empty(0, np.float32)
+    s16, m16 = scale.numpy().view(np.uint16), minv.numpy().view(np.uint16)
+    out = torch.empty(t, n)
+    kernels.int4_matmul(x.numpy(), q.numpy(), s16, m16, b, out.numpy(), a8=True)
+    _close(out, reference.int4_linear_a8(x, q, scale, minv, bias))
+    i = int(rng.integers(0, t))
+    one = np.empty((1, n), np.float32)
+    kernels.int4_matmul(x[i:i + 1].contiguous().numpy(), q.numpy(), s16, m16, b, one, a8=True)
+    assert np.array_equal(one[0], out[i].numpy())
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.sampled_from([32, 64, 96, 576, 1536]), st.integers(0, 2**31))
+def test_quantize_activations_matches_reference_codes(t, k, seed):
+    """The kernel's int8 codes and scales are exactly the reference's (same rounding), in the
+    pair order the dot product reads."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((t, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[:, :32] = np.round(x[:, :32])  # ties (x.5 * 127 / max) are exercised less than integers
+    codes, d = reference.quantize_activations(torch.from_numpy(x))
+    xq, dxp = kernels.act_scratch(t, k)
+    for row in range(t):
+        kernels.quantize_activations(x, row, xq[row], dxp[row])
+    nb = k // 32
+    for row in range(t):
+        for blk in range(nb):
+            pair, second = divmod(blk, 2)
+            if blk == nb - 1 and nb % 2:
+                lo, hi = blk * 32, blk * 32 + 16
+            else:
+                lo, hi = pair * 64 + second * 16, pair * 64 + 32 + second * 16
+            want = codes[row, blk * 32:(blk + 1) * 32].numpy()
+            assert np.array_equal(np.concatenate([xq[row, lo:lo + 16], xq[row, hi:hi + 16]]),
+                                  want)
+            lanes = dxp[row, pair * 16:(pair + 1) * 16].reshape(2, 2, 4)[:, second]
+            assert (lanes == d[row, blk].item()).all()
+
+
+@SETTINGS
 @given(st.integers(1, 100), st.sampled_from([32, 64, 576]), st.integers(0, 2**31))
 def test_dequant_kernels_are_exact(n, k, seed):
     rng = np.random.default_rng(seed)
