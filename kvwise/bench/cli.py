@@ -193,6 +193,10 @@ def _notes(bench: str, engines: list[str], dtype: str, wrapped: bool,
         notes.append("kvwise-...-kvf16 / -kvbf16 store the KV cache in that dtype "
                      "(--kv-cache-dtype), widened to fp32 as attention reads it; hf and the other "
                      "kvwise lines keep it in float32, llamacpp in its default f16.")
+    if any(e.endswith("-a8") for e in engines):
+        notes.append("kvwise-...-a8 (--activation-quant int8): steps of <= 16 tokens round each "
+                     "int4 layer's input to int8 per 32 values and use integer dot products, as "
+                     "llamacpp does with its Q8 activations; larger steps are unchanged.")
     if bench == "latency" and "hf" in engines:
         notes.append("hf prefill = one forward pass (use_cache, logits_to_keep=1) + argmax; "
                      "hf decode is timed per token with a streamer inside generate().")
