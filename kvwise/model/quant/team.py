@@ -82,14 +82,18 @@ def atomic_load(typingctx: Any, arr: Any, index: Any) -> Any:
     return types.int64(arr, index), codegen
 
 
+def _emit_pause(builder: ir.IRBuilder) -> None:
+    text = "pause" if _X86_64 else "yield" if _ARM64 else ""
+    if text:
+        fnty = ir.FunctionType(ir.VoidType(), [])
+        builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+
+
 @intrinsic
 def spin_pause(typingctx: Any) -> Any:
     """A spin-wait hint (`pause` on x86, `yield` on arm64; nothing elsewhere)."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        text = "pause" if _X86_64 else "yield" if _ARM64 else ""
-        if text:
-            fnty = ir.FunctionType(ir.VoidType(), [])
-            builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+        _emit_pause(builder)
         return context.get_dummy_value()
     return types.void(), codegen
 
@@ -109,10 +113,7 @@ def sched_yield(typingctx: Any) -> Any:
             asm = ir.InlineAsm(fnty, "svc #0", "={x0},{x8},~{memory}", side_effect=True)
             builder.call(asm, [ir.Constant(_I64, 124)])
         else:
-            text = "pause" if _X86_64 else "yield" if _ARM64 else ""
-            if text:
-                fnty = ir.FunctionType(ir.VoidType(), [])
-                builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+            _emit_pause(builder)
         return context.get_dummy_value()
     return types.void(), codegen
 
