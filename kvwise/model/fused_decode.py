@@ -256,7 +256,8 @@ class FusedDecode:
         x, h, qkv, q, attn, tmp, gu, act = (b[:t] for b in self._bufs)
         logits = torch.empty(t, self.embed.shape[0])
         a8 = self.workspace.act_int8
-        _step(self.workspace.num_threads, input_ids.numpy(), positions.numpy(),
+        members = min(self.workspace.num_threads, runtime.num_threads())  # threads numba has
+        _step(members, input_ids.numpy(), positions.numpy(),
               meta.slot_mapping.numpy(), meta.decode_block_ids.numpy(),
               meta.decode_context_lens.numpy(), meta.block_size,
               self.attn_scale, self.eps, self.embed, self.model.cos.numpy(),

@@ -49,6 +49,11 @@ def set_num_threads(n: int) -> None:
         numba.set_num_threads(n)
 
 
+def num_threads() -> int:
+    """Threads the calling thread's kernel launches get."""
+    return numba.get_num_threads()
+
+
 def threading_layer() -> str:
     """The layer numba loaded ('tbb', 'omp' or 'workqueue'); valid after a parallel launch."""
     return numba.threading_layer()
