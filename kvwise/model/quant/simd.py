@@ -411,20 +411,6 @@ def vdot_q4q8_half(typingctx: Any, q: Any, qoff: Any, xq: Any, xoff: Any) -> Any
 
 
 @intrinsic
-def vpair(typingctx: Any, a: Any, b: Any) -> Any:
-    """float32 a, b -> f32x16 with lanes 0-7 = a and lanes 8-15 = b."""
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        i32 = ir.IntType(32)
-        va = context.cast(builder, args[0], sig.args[0], types.float32)
-        vb = context.cast(builder, args[1], sig.args[1], types.float32)
-        v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), va, ir.Constant(i32, 0))
-        v = builder.insert_element(v, vb, ir.Constant(i32, 8))
-        mask = ir.Constant(ir.VectorType(i32, VEC), [0] * 8 + [8] * 8)
-        return builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined), mask)
-    return f32x16(a, b), codegen
-
-
-@intrinsic
 def vabsmax32(typingctx: Any, arr: Any, offset: Any) -> Any:
     """max |arr[offset : offset + 32]| of a float32 array -> float32."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
@@ -455,5 +441,5 @@ def vstore_rint_i8(typingctx: Any, arr: Any, offset: Any, vec: Any) -> Any:
 
 __all__ = ["VEC", "VNNI", "f32x16", "load_f16", "prefetch", "store_kv", "vabsmax32", "vadd",
            "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma", "vload", "vload_hi4", "vload_i8",
-           "vload_kv", "vload_lo4", "vmul", "vpair", "vscale_pair", "vsplat", "vstore",
+           "vload_kv", "vload_lo4", "vmul", "vscale_pair", "vsplat", "vstore",
            "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]

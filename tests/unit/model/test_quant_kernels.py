@@ -288,3 +288,28 @@ def test_gguf_q8_0_maps_exactly_and_q4_1_to_int8_is_close():
     deq = torch.from_numpy(dequantize(raw4.data, raw4.ggml_type))
     err = (reference.dequantize_int8(q8.q, q8.scale) - deq).abs()
     assert (err <= q8.scale.float().repeat_interleave(32, dim=1) / 2 + 1e-6).all()
+
+
+def test_integer_dot_product_vnni_and_portable_forms_agree(monkeypatch):
+    """simd.vdot_q4q8 lowers to vpdpbusd where the CPU has AVX-512 VNNI and to plain vector
+    integer ops elsewhere; both give the exact partial sums numpy computes."""
+    from numba import njit
+
+    from kvwise.model.quant import simd
+
+    def compiled():
+        @njit(cache=False)
+        def dot(q, xq, out):
+            simd.vstore(out, 0, simd.vdot_q4q8(q, 0, xq, 0))
+        return dot
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 256, 32, dtype=np.uint8)
+    xq = rng.integers(-128, 128, 64, dtype=np.int8)
+    codes = np.concatenate([q & 15, q >> 4]).astype(np.int64)  # [low nibbles, high nibbles]
+    want = (codes * xq.astype(np.int64)).reshape(16, 4).sum(axis=1).astype(np.float32)
+    for vnni in (simd.VNNI, not simd.VNNI):
+        monkeypatch.setattr(simd, "VNNI", vnni)
+        out = np.empty(16, np.float32)
+        compiled()(q, xq, out)
+        assert np.array_equal(out, want), vnni
