@@ -246,13 +246,7 @@ def _int4_a8_rows(x, q, scale, minv, bias, out, xsum, xq, dxp, r0, r1):
     nb = k // 32
     npairs = nb // 2
     has_bias = bias.shape[0] > 0
-    # per pair of blocks: its first block's group, and whether the second is in the same group
-    # (no integer division in the row loop)
-    pair_group = np.empty(npairs + 1, np.int64)
-    pair_same = np.empty(npairs + 1, np.bool_)
-    for pi in range(npairs + 1):
-        pair_group[pi] = min(2 * pi, nb - 1) * 32 // gs
-        pair_same[pi] = (2 * pi + 1) * 32 // gs == pair_group[pi]
+    per_group = gs // 32  # blocks per scale group
     o = r0
     while o < r1:
         o1 = o + 1 if o + 1 < r1 else o
@@ -263,10 +257,11 @@ def _int4_a8_rows(x, q, scale, minv, bias, out, xsum, xq, dxp, r0, r1):
             dr = dxp[t]
             a0 = vzero()
             a1 = vzero()
+            ga = 0  # group of the pair's first block, and that block's index in it
+            within = 0
             for pi in range(npairs):
-                ga = pair_group[pi]
                 dv = vload(dr, pi * 16)
-                if pair_same[pi]:
+                if within + 1 < per_group:
                     s0 = vmul(vsplat(load_f16(scale, s_row0 + ga)), dv)
                     s1 = vmul(vsplat(load_f16(scale, s_row1 + ga)), dv)
                 else:
@@ -274,8 +269,11 @@ def _int4_a8_rows(x, q, scale, minv, bias, out, xsum, xq, dxp, r0, r1):
                     s1 = vmul(vscale_pair(scale, s_row1 + ga), dv)
                 a0 = vfma(vdot_q4q8(q, o * row_bytes + pi * 32, xr, pi * 64), s0, a0)
                 a1 = vfma(vdot_q4q8(q, o1 * row_bytes + pi * 32, xr, pi * 64), s1, a1)
+                within += 2
+                while within >= per_group:
+                    within -= per_group
+                    ga += 1
             if nb % 2:
-                ga = pair_group[npairs]
                 b = nb - 1
                 dv = vload(dr, npairs * 16)
                 s0 = vmul(vsplat(load_f16(scale, s_row0 + ga)), dv)
