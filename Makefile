@@ -25,6 +25,7 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check kvwise tests
+	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
 	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider tests  # tests import torch before kvwise
 
 serve: install
@@ -40,6 +41,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check kvwise tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

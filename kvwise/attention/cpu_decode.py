@@ -28,8 +28,8 @@ import torch
 from numba import njit, prange
 
 from kvwise.cache.kv_store import KERNEL_KV_DTYPES, kernel_dtype, kernel_view
-from kvwise.model.quant import runtime
-from kvwise.model.quant.simd import (
+from kvwise.kernels.cpu import runtime
+from kvwise.kernels.cpu.simd import (
     prefetch,
     vexp,
     vfma,

@@ -10,10 +10,19 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
-from kvwise.model.config import ModelConfig
+
+class ModelShape(Protocol):
+    """What the store needs of a model's config (kvwise.model.config.ModelConfig has it; the
+    cache layer does not import the model layer)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
 
 # Cache dtypes the CPU numba kernels (rope-into-cache, decode attention, fused decode step) read
 # and write; other dtypes (bfloat16) go through the PyTorch paths.
@@ -32,14 +41,14 @@ def kernel_view(cache: torch.Tensor) -> np.ndarray:
     return a if cache.dtype == torch.float32 else a.view(np.uint16)
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(cfg: ModelShape, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers, K and V."""
     elem = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
 class KVStore:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+    def __init__(self, cfg: ModelShape, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
-from kvwise.model.quant import runtime
+from kvwise.kernels.cpu import runtime
+from kvwise.kernels.cpu.simd import store_kv, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
-from kvwise.model.quant.simd import store_kv, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 runtime.preload_tbb()
 _PARALLEL_MIN_ROWS = 64  # below this, one thread: the launch costs more than the work

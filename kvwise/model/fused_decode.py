@@ -5,10 +5,10 @@ PyTorch dispatch: 30 layers x ~40 small ops (norm, rope, cache write, attention,
 silu, four projections). `FusedDecode` runs the same kernels (cpu_ops, quant.kernels,
 attention.cpu_decode) from one compiled function, with every activation buffer preallocated.
 
-The step is one parallel region: a team of `Workspace.num_threads` members (quant/team.py) walks
-9 phases per layer (4 projections split in 32-row chunks, attention split by request / KV head,
-4 serial ones: rope + cache write, residual + norm, silu) with spin barriers between them. A
-numba launch per projection woke a sleeping TBB worker each time, too late to share a 10-60 us
+The step is one parallel region: a team of `Workspace.num_threads` members (kernels/cpu/team.py)
+walks 9 phases per layer (4 projections split in 32-row chunks, attention split by request /
+KV head, 4 serial ones: rope + cache write, residual + norm, silu) with spin barriers between
+them. A numba launch per projection woke a sleeping TBB worker each time, too late to share a 10-60 us
 projection; as a team, 30 layers x 4 int4 projections (66 MB) went from 5.3 to 4.6 ms (fp32
 activations), and the whole step at batch 1 from ~6.5 to ~4.9 ms with int8 activations.
 
@@ -43,8 +43,9 @@ from numba.typed import List
 from kvwise.attention import cpu_decode
 from kvwise.attention.backend import AttentionMetadata
 from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
+from kvwise.kernels.cpu import runtime, team
 from kvwise.model import cpu_ops
-from kvwise.model.quant import kernels, runtime, team
+from kvwise.model.quant import kernels
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 from kvwise.model.quant.int4 import Int4Linear
 from kvwise.model.quant.int8 import Int8Linear

@@ -66,7 +66,7 @@ class Workspace:
         setting per thread; the engine may run on a thread other than the one that built it)."""
         ident = threading.get_ident()
         if ident != self._threads_set_in:
-            from kvwise.model.quant import runtime
+            from kvwise.kernels.cpu import runtime
 
             runtime.set_num_threads(self.num_threads)
             self._threads_set_in = ident

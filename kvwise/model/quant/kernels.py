@@ -43,8 +43,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kvwise.model.quant import runtime
-from kvwise.model.quant.simd import (
+from kvwise.kernels.cpu import runtime
+from kvwise.kernels.cpu.simd import (
     load_f16,
     vabsmax32,
     vadd,

@@ -76,7 +76,7 @@ def test_vsum16_equals_sixteen_vsums():
     import numpy as np
     from numba import njit
 
-    from kvwise.model.quant.simd import vload, vstore, vsum, vsum16
+    from kvwise.kernels.cpu.simd import vload, vstore, vsum, vsum16
 
     @njit
     def run(x, tree, single):
@@ -100,7 +100,7 @@ def test_vexp_matches_torch_exp():
     import numpy as np
     from numba import njit
 
-    from kvwise.model.quant.simd import vexp, vload, vstore
+    from kvwise.kernels.cpu.simd import vexp, vload, vstore
 
     @njit
     def run(x, out):

@@ -295,7 +295,7 @@ def test_integer_dot_product_vnni_and_portable_forms_agree(monkeypatch):
     integer ops elsewhere; both give the exact partial sums numpy computes."""
     from numba import njit
 
-    from kvwise.model.quant import simd
+    from kvwise.kernels.cpu import simd
 
     def compiled():
         @njit(cache=False)

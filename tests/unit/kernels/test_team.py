@@ -1,4 +1,4 @@
-"""The thread-team protocol of the fused decode step (kvwise/model/quant/team.py).
+"""The thread-team protocol of the fused decode step (kvwise/model/kernels/cpu/team.py).
 
 Claims: every chunk of every phase runs exactly once, phases are ordered (a phase reads only
 what earlier phases wrote), and a team larger than the runtime's threads (members run one after
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from numba import njit, prange
 
-from kvwise.model.quant import runtime, team
+from kvwise.kernels.cpu import runtime, team
 
 
 @njit(parallel=True, nogil=True)

@@ -39,7 +39,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
-from kvwise.model.quant import runtime
+from kvwise.kernels.cpu import runtime
 
 LINE = 8  # int64 slots per cache line
 SPIN_LIMIT = 2000  # pause rounds (~10-40 us) before a waiting member also yields the CPU

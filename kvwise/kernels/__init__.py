@@ -1,0 +1,1 @@
+"""Leaf kernel packages: pure numerical building blocks that import nothing else from kvwise."""
