@@ -6,9 +6,9 @@ silu, four projections). `FusedDecode` runs the same kernels (cpu_ops, quant.ker
 attention.cpu_decode) from one compiled function, with every activation buffer preallocated.
 
 The step is one parallel region: a team of `Workspace.num_threads` members (kernels/cpu/team.py)
-walks 9 phases per layer (4 projections split in 32-row chunks, attention split by request /
-KV head, 4 serial ones: rope + cache write, residual + norm, silu) with spin barriers between
-them. A numba launch per projection woke a sleeping TBB worker each time, too late to share a 10-60 us
+walks 9 phases per layer (4 projections split in 32-row chunks, attention split by request / KV
+head, 4 serial ones: rope + cache write, residual + norm, silu) with spin barriers between them. A
+numba launch per projection woke a sleeping TBB worker each time, too late to share a 10-60 us
 projection; as a team, 30 layers x 4 int4 projections (66 MB) went from 5.3 to 4.6 ms (fp32
 activations), and the whole step at batch 1 from ~6.5 to ~4.9 ms with int8 activations.
 
