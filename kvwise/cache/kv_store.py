@@ -64,3 +64,30 @@ class KVStore:
         those rows of layer `layer`."""
         self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
         self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+
+    # -- moving blocks between engines (export/import of a request) ---------------------------
+
+    def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
+        """The stored bytes of these blocks, every layer, as CPU tensors (name -> tensor):
+        "k" and "v" [L, len(block_ids) * S, K, D] in the store's dtype, rows in table order."""
+        rows = _block_rows(block_ids, self.block_size, self.k.device)
+        return {"k": self.k[:, rows].cpu(), "v": self.v[:, rows].cpu()}
+
+    def import_blocks(self, block_ids: list[int], data: dict[str, torch.Tensor]) -> None:
+        """Write what `export_blocks` returned (from an engine with the same format and model)
+        into these blocks; shapes and dtypes must match exactly (ValueError otherwise)."""
+        rows = _block_rows(block_ids, self.block_size, self.k.device)
+        for name, cache in (("k", self.k), ("v", self.v)):
+            t = data.get(name)
+            want = (cache.shape[0], rows.shape[0], *cache.shape[2:])
+            if t is None or tuple(t.shape) != want or t.dtype != cache.dtype:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise ValueError(f"KV import: tensor {name!r} must be {want} {cache.dtype}, "
+                                 f"got {got}")
+            cache[:, rows] = t.to(cache.device)
+
+
+def _block_rows(block_ids: list[int], block_size: int, device: torch.device) -> torch.Tensor:
+    """[len(block_ids) * S] long: the flat rows of these blocks, in order."""
+    ids = torch.tensor(block_ids, dtype=torch.long, device=device)
+    return (ids[:, None] * block_size + torch.arange(block_size, device=device)).reshape(-1)
