@@ -36,7 +36,8 @@ def parse_bytes(value: Union[int, str]) -> int:
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
 WEIGHT_DTYPES = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
-KV_CACHE_DTYPES = ("auto",) + DTYPES
+# KV formats by name (kvwise.cache.kv_store registry; a test checks the two lists agree)
+KV_CACHE_DTYPES = ("auto",) + DTYPES + ("int8",)
 ACTIVATION_QUANTS = ("none", "int8")  # inputs of the int4 CPU decode kernels
 
 
@@ -59,7 +60,7 @@ class EngineConfig:
     attention_backend: str = "paged"
     weight_dtype: str = "fp32"  # decoder projections: fp32 | int8 | int4 (weight-only quant)
     lm_head_dtype: Optional[str] = None  # None: weight_dtype, but int8 when that is int4
-    kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16 | int8
     activation_quant: str = "none"  # none | int8: int4 layers' CPU decode kernels take int8 inputs
 
     def __post_init__(self) -> None:
@@ -145,9 +146,10 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("weight_dtype", str, "decoder projection weights: fp32 | int8 | int4 (weight-only quant)"),
     ("lm_head_dtype", str, "LM head weights: fp32 | int8 | int4 (default: --weight-dtype, "
                            "but int8 for int4)"),
-    ("kv_cache_dtype", str, "KV cache storage: auto (= --dtype) | float32 | float16 | bfloat16; "
-                            "narrower halves the bytes decode attention reads (math stays in "
-                            "--dtype)"),
+    ("kv_cache_dtype", str, "KV cache format: auto (= --dtype) | float32 | float16 | bfloat16 | "
+                            "int8; float16 halves the bytes decode attention reads, int8 "
+                            "(per token and KV head, fp16 scales) takes 0.26x of float32 (math "
+                            "stays in --dtype)"),
     ("activation_quant", str, "none | int8: int4 layers round each decode step's activations "
                               "to int8 per 32 values and use integer dot products (CPU; "
                               "llama.cpp's Q8 activations)"),

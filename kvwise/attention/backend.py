@@ -6,9 +6,14 @@ continuing earlier chunks or a prefix-cache hit) follows contiguously.
 
 Invariants:
 - Metadata is built once per step by the runner and shared by all layers; backends never mutate it.
-- The new tokens' K/V are written to their slots (`slot_mapping`) before the backend runs, so a
-  backend attends over the cache only (context includes the step's own tokens).
-- Slot s of block b is flat row `b * block_size + s` of a layer's [N*S, K, D] cache view.
+- The new tokens' K/V are written to their slots (`slot_mapping`) before the backend runs. The
+  model also passes them as `k_new`, `v_new` [T, K, D] (exactly the values the store keeps, see
+  kvwise.cache.kv_store), so a prefill attends to its own tokens without reading them back
+  through a lossy format; None means the rope kernel wrote them straight into a dense cache
+  and reading them back is exact. Decode kernels read everything from the store.
+- History is read through the layer's `LayerKV` view, whatever the format: `gather_blocks` /
+  `gather_rows` give compute-dtype rows, `kernel` the arrays the CPU kernels take.
+- Slot s of block b is flat row `b * block_size + s` of every layer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import torch
+
+from kvwise.cache.kv_store import LayerKV
 
 
 @dataclass
@@ -58,9 +65,11 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, H, D]; k_cache/v_cache [N*S, K, D] of one layer -> out [T, H, D]."""
+    def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
+                v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q [T, H, D]; k_new, v_new [T, K, D] or None; kv one layer's store view -> out
+        [T, H, D]."""
         ...
 
 

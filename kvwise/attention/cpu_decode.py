@@ -18,7 +18,10 @@ Invariants:
   does not depend on the batch it runs in (batch invariance) or on the thread count.
 - Preconditions (checked by `supported`): fp32 q [B, H, D] on CPU, head_dim % 16 == 0,
   contiguous caches [N*S, K, D] in fp32 or fp16 (`--kv-cache-dtype float16`: widened to fp32 as
-  they are loaded, half the bytes read; all arithmetic stays fp32).
+  they are loaded, half the bytes read; all arithmetic stays fp32), or int8 codes with an fp16
+  scale per (position, KV head) (`--kv-cache-dtype int8`: the key scale multiplies the score,
+  the value scale the softmax weight, so codes are read as they are, a quarter of fp32's
+  bytes).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kvwise.cache.kv_store import KERNEL_KV_DTYPES, kernel_dtype, kernel_view
+from kvwise.cache.kv_store import KERNEL_KV_DTYPES, KernelKV, kernel_view
 from kvwise.kernels.cpu import runtime
 from kvwise.kernels.cpu.simd import (
+    load_f16,
     prefetch,
     vexp,
     vfma,
@@ -147,8 +151,11 @@ def num_tasks(q, k_cache):
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
-def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out, task, split):
-    """Task `task` of `num_tasks`: request task // split, its KV heads part task % split."""
+def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block_size, scale, out,
+                   task, split):
+    """Task `task` of `num_tasks`: request task // split, its KV heads part task % split.
+    k_scale, v_scale [N*S, K] fp16 as uint16 for int8 caches (value = code * scale), [0, 0]
+    for dense ones."""
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]
     group = h_count // k_count
@@ -172,6 +179,8 @@ def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out,
         pos += block_size
         blk += 1
     scores = np.empty((hn, n), np.float32)
+    quant = k_scale.shape[0] > 0
+    tok_scale = np.empty(n if quant else 0, np.float32)  # one KV head's scale per position
     sc = vsplat(scale)
     n16 = n // 16 * 16
     # While this request computes, prefetch the next one's rows (the next task on this
@@ -188,9 +197,11 @@ def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out,
     if nxt >= 0:
         n_next = lens[nxt]
         lines = 2 * ((n_next * row + line - 1) // line)  # K and V lines of the next request
-        pf_per = lines // 2 // max(1, (n16 // 16) * hn) // (k_cache.itemsize // 2) + 1
+        pf_per = lines // 2 // max(1, (n16 // 16) * hn) // max(1, k_cache.itemsize // 2) + 1
     for kh in range(kh0, kh1):
         kd = kh * d
+        if quant:
+            _token_scales(k_scale, base, row, k_count, kh, n, tok_scale)
         for g in range(group):
             j = kh * group + g - h0
             qo = (b * h_count + kh * group + g) * d
@@ -219,6 +230,9 @@ def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out,
                 vstore(scores, j * n + c0, vmul(r, sc))
             for pos in range(n16, n):
                 scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
+            if quant:  # q . (codes * s) = (q . codes) * s
+                for pos in range(n):
+                    scores[j, pos] *= tok_scale[pos]
     inv = np.empty(hn, np.float32)
     for j in range(hn):
         m = scores[j, 0]
@@ -239,6 +253,12 @@ def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out,
     ob = (b * h_count + h0) * d
     d64 = d // 64 * 64
     for kh in range(kh0, kh1):
+        if quant:  # fold the value scales into the (already normalised-by-inv) weights
+            _token_scales(v_scale, base, row, k_count, kh, n, tok_scale)
+            for g1 in range(group):
+                j = kh * group + g1 - h0
+                for pos in range(n):
+                    scores[j, pos] *= tok_scale[pos]
         if nxt >= 0:  # the next request's V rows, a third per KV head
             pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
                                              n_next, block_size, row, line, pf_blk, pf_off,
@@ -279,41 +299,55 @@ def attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out,
                 vstore(out, ob + j * d + i, vmul(a0, vsplat(inv[j])))
 
 
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always")
+def _token_scales(scales, base, row, k_count, kh, n, out):
+    """out[pos] = scale of KV head kh at position pos (fp16 as uint16 [N*S, K] -> float32)."""
+    for pos in range(n):
+        out[pos] = load_f16(scales, base[pos] // row * k_count + kh)
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-def _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
+def _decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block_size, scale,
+                      out):
     tasks, split = num_tasks(q, k_cache)
     for task in prange(tasks):
-        attention_task(q, k_cache, v_cache, block_ids, lens, block_size, scale, out, task, split)
+        attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block_size, scale,
+                       out, task, split)
 
 
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-def decode_attention_into(q, k_cache, v_cache, block_ids, lens, block_size, scale, out):
+def decode_attention_into(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block_size,
+                          scale, out):
     """The one entry both the per-op path and the fused decode step compile against, so the
     kernel is lowered in the same calling context either way (bit-identical results)."""
-    _decode_attention(q, k_cache, v_cache, block_ids, lens, block_size, scale, out)
+    _decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block_size, scale,
+                      out)
 
 
-def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and kernel_dtype(k_cache)
-            and q.shape[-1] % 16 == 0 and k_cache.is_contiguous())
+def supported(q: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries (the caches: any `KernelKV` a store gives)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_ids: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                     scale: float) -> torch.Tensor:
-    """q [B, H, D]; caches [N*S, K, D] fp32 or fp16; block_ids [B*nb] long; context_lens [B]
-    long -> [B, H, D] fp32."""
-    assert supported(q, k_cache) and v_cache.is_contiguous()
+def decode_attention(q: torch.Tensor, kv: KernelKV, block_ids: torch.Tensor,
+                     context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, H, D]; kv one layer's kernel arrays (caches [N*S, K, D] fp32, fp16 or int8 with
+    scales); block_ids [B*nb] long; context_lens [B] long -> [B, H, D] fp32."""
+    assert supported(q)
     q = q.contiguous()
     out = torch.empty_like(q)
-    decode_attention_into(q.numpy(), kernel_view(k_cache), kernel_view(v_cache), block_ids.numpy(),
-                      context_lens.numpy(), block_size, np.float32(scale), out.numpy())
+    decode_attention_into(q.numpy(), kv.k, kv.v, kv.k_scale, kv.v_scale, block_ids.numpy(),
+                          context_lens.numpy(), block_size, np.float32(scale), out.numpy())
     return out
 
 
 def warmup() -> None:
     """Compile (or load from numba's cache) the kernel at engine start."""
-    for dtype in KERNEL_KV_DTYPES:
+    for dtype in KERNEL_KV_DTYPES + (torch.int8,):
         kc = torch.zeros(16, 1, 16, dtype=dtype)
-        decode_attention(torch.zeros(1, 2, 16), kc, kc, torch.zeros(1, dtype=torch.long),
+        kv = KernelKV(kernel_view(kc), kernel_view(kc))
+        if dtype == torch.int8:
+            sc = kernel_view(torch.zeros(16, 1, dtype=torch.float16))
+            kv = KernelKV(kv.k, kv.v, sc, sc)
+        decode_attention(torch.zeros(1, 2, 16), kv, torch.zeros(1, dtype=torch.long),
                          torch.ones(1, dtype=torch.long), 16, 1.0)

@@ -3,35 +3,34 @@
 Invariants:
 - Decode queries of all requests run as one batched SDPA over a padded gather of whole blocks
   whose ids and mask were built once per step (shared by every layer).
-- A prefill span with no earlier context attends to the cache rows it just wrote (no gather);
-  otherwise it gathers its context slots and uses a position-based causal mask.
+- A prefill span attends to its own tokens through the step's fresh K/V (the values the store
+  keeps, passed in by the model, never read back through the format); earlier context is
+  gathered from the store in whole blocks, with a position-based causal mask.
+- History is read only through the layer's `LayerKV` (format-independent): the CPU decode
+  kernel takes `kv.kernel` (dense or int8 arrays in place), the PyTorch paths dequantized rows.
 - Grouped-query attention: query head h reads KV head h // (H // K).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from kvwise.attention.backend import AttentionMetadata, register_backend
+from kvwise.cache.kv_store import LayerKV
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    """cache [N*S, K, D]; block_ids [M] -> [M*S, K, D] (whole blocks: one index_select of
-    S*K*D-element rows, ~2x faster than a per-slot gather)."""
-    n_rows, kh, d = cache.shape
-    blocks = cache.view(n_rows // block_size, block_size, kh, d)  # [N, S, K, D]
-    return blocks.index_select(0, block_ids).view(-1, kh, d)
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_ids: torch.Tensor, mask: torch.Tensor, block_size: int,
+def decode_attention(q: torch.Tensor, kv: LayerKV, block_ids: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """q [B, H, D]; caches [N*S, K, D]; block_ids [B*nb]; mask [B, 1, 1, nb*S] -> [B, H, D]."""
+    """q [B, H, D]; block_ids [B*nb]; mask [B, 1, 1, nb*S] -> [B, H, D] (PyTorch path: gathers
+    whole blocks of every request, read through the store's format)."""
     b, h, d = q.shape
-    kh = k_cache.shape[1]
-    k = gather_blocks(k_cache, block_ids, block_size).to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
-    v = gather_blocks(v_cache, block_ids, block_size).to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
+    k, v = kv.gather_blocks(block_ids)  # [B*nb*S, K, D] each
+    kh = k.shape[1]
+    k = k.to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
+    v = v.to(q.dtype).view(b, -1, kh, d).transpose(1, 2)
     # k, v [B, K, L, D]; SDPA's CPU kernel handles the GQA grouping without copying KV
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=kh != h)  # [B, H, 1, D]
@@ -59,19 +58,31 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pri
     return out[0].transpose(0, 1)  # [Tq, H, D]
 
 
-def prefill_spans_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-    """Write every prefill span's attention into `out` [T, H, D] (q [T, H, D]; caches
-    [N*S, K, D]). Shared by every backend whose prefill is the paged one."""
+def step_rows(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], kv: LayerKV,
+              meta: AttentionMetadata, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V [n, K, D] of the step's tokens in `rows`: the fresh rows the model passed, or (None:
+    the rope kernel wrote them straight into a dense cache) the same values read back."""
+    if k_new is not None and v_new is not None:
+        return k_new[rows], v_new[rows]
+    return kv.gather_rows(meta.slot_mapping[rows])
+
+
+def prefill_spans_attention(q: torch.Tensor, k_new: Optional[torch.Tensor],
+                            v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                            scale: float, out: torch.Tensor) -> None:
+    """Write every prefill span's attention into `out` [T, H, D] (q [T, H, D]; k_new, v_new
+    [T, K, D] or None). A span's own tokens come from the step's fresh rows, its earlier
+    context from the store. Shared by every backend whose prefill is the paged one."""
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_query_tokens)
+        k_own, v_own = step_rows(k_new, v_new, kv, meta, rows)  # [Tq, K, D]
         if span.context_block_ids is None:
-            own = meta.slot_mapping[rows]
-            k, v = k_cache[own], v_cache[own]  # [Tq, K, D]
+            k, v = k_own, v_own
         else:
-            k = gather_blocks(k_cache, span.context_block_ids, meta.block_size)  # [C', K, D]
-            v = gather_blocks(v_cache, span.context_block_ids, meta.block_size)
-        # a cache in another dtype than q (--kv-cache-dtype) is read back widened
+            k, v = kv.gather_blocks(span.context_block_ids)  # [C', K, D], C' >= C
+            own = slice(span.num_prior_tokens, span.num_context_tokens)
+            k[own] = k_own
+            v[own] = v_own
         out[rows] = prefill_attention(q[rows], k.to(q.dtype), v.to(q.dtype),
                                       span.num_prior_tokens, scale)
 
@@ -87,24 +98,25 @@ class PagedBackend:
         cpu_decode.warmup()
         self._cpu_decode = cpu_decode
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if self._cpu_decode.supported(q, k_cache):
-            return self._cpu_decode.decode_attention(q, k_cache, v_cache, meta.decode_block_ids,
+    def _decode(self, q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        kern = kv.kernel
+        if kern is not None and self._cpu_decode.supported(q):
+            return self._cpu_decode.decode_attention(q, kern, meta.decode_block_ids,
                                                      meta.decode_context_lens, meta.block_size,
                                                      scale)
-        return decode_attention(q, k_cache, v_cache, meta.decode_block_ids, meta.decode_mask,
-                                meta.block_size, scale)
+        return decode_attention(q, kv, meta.decode_block_ids, meta.decode_mask, scale)
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
+                v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
         bd = meta.num_decode_tokens
         if not meta.prefills:
-            return self._decode(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, kv, meta, scale)
         out = torch.empty_like(q)
         if bd:
-            out[:bd] = self._decode(q[:bd], k_cache, v_cache, meta, scale)
-        prefill_spans_attention(q, k_cache, v_cache, meta, scale, out)
+            out[:bd] = self._decode(q[:bd], kv, meta, scale)
+        prefill_spans_attention(q, k_new, v_new, kv, meta, scale, out)
         return out
 
 

@@ -2,14 +2,18 @@
 
 Invariants:
 - One request at a time, plain float64 softmax(q k^T * scale + causal mask) v, read through the
-  request's block table (never through the fast paths' precomputed slot tensors).
+  request's block table (never through the fast paths' precomputed slot tensors) and the
+  format's slow dequantizing read (`LayerKV.gather_rows`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kvwise.attention.backend import AttentionMetadata, register_backend
+from kvwise.cache.kv_store import LayerKV
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -30,25 +34,28 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype)
 
 
-def gather_context(cache: torch.Tensor, block_table: list[int], num_tokens: int,
-                   block_size: int) -> torch.Tensor:
-    """cache [N*S, K, D] -> the first num_tokens slots of the table's blocks [C, K, D]."""
+def gather_context(kv: LayerKV, block_table: list[int], num_tokens: int,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_tokens slots of the table's blocks -> k, v [C, K, D] (compute dtype)."""
     rows = [b * block_size + s for b in block_table for s in range(block_size)][:num_tokens]
-    return cache[torch.tensor(rows, dtype=torch.long, device=cache.device)]
+    return kv.gather_rows(torch.tensor(rows, dtype=torch.long, device=kv.store.device))
 
 
 class ReferenceBackend:
     name = "reference"
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
+                v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         spans = [(i, 1) for i in range(meta.num_decode_tokens)]
         spans += [(p.start, p.num_query_tokens) for p in meta.prefills]
         for r, (start, n) in enumerate(spans):
             ctx = meta.context_lens[r]
-            k = gather_context(k_cache, meta.block_tables[r], ctx, meta.block_size)
-            v = gather_context(v_cache, meta.block_tables[r], ctx, meta.block_size)
+            k, v = gather_context(kv, meta.block_tables[r], ctx, meta.block_size)
+            if k_new is not None and v_new is not None:  # the step's own rows, as stored
+                k[ctx - n:] = k_new[start:start + n]
+                v[ctx - n:] = v_new[start:start + n]
             out[start:start + n] = reference_attention(q[start:start + n], k, v, ctx - n, scale)
         return out
 

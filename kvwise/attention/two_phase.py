@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from kvwise.attention.backend import AttentionMetadata, register_backend
-from kvwise.attention.paged import gather_blocks, prefill_spans_attention
+from kvwise.attention.paged import prefill_spans_attention
+from kvwise.cache.kv_store import LayerKV
 
 # PyTorch's CPU flash-attention kernel, the one SDPA dispatches to, also returns the log-sum-exp;
 # public SDPA drops it. Elsewhere (or if a PyTorch lacks it) the math fallback below is used.
@@ -83,35 +84,36 @@ def merge_partials(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
     return o, lse
 
 
-def chunk_first_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          rows: Optional[torch.Tensor], block_ids: torch.Tensor,
-                          block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_first_attention(q: torch.Tensor, kv: LayerKV, rows: Optional[torch.Tensor],
+                          block_ids: torch.Tensor, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1 for one sharer group: all sharers' queries against the group's blocks at once.
 
     q [B, K, G, D] (decode queries, heads split by KV head); rows [R] long (None: all B rows);
-    caches [N*S, K, D]; block_ids [M] -> out [R, K, G, D], lse [R, K, G] fp32.
+    kv one layer's store; block_ids [M] -> out [R, K, G, D], lse [R, K, G] fp32.
     """
     qs = q if rows is None else q.index_select(0, rows)  # [R, K, G, D]
     r, kh, g, d = qs.shape
     qs = qs.transpose(0, 1).reshape(1, kh, r * g, d)  # [1, K, R*G, D]
-    # widened to q's dtype when the cache is stored narrower (--kv-cache-dtype)
-    k = gather_blocks(k_cache, block_ids, block_size).to(qs.dtype).transpose(0, 1)[None]
-    v = gather_blocks(v_cache, block_ids, block_size).to(qs.dtype).transpose(0, 1)[None]
+    # read once for all sharers through the format (widened / dequantized, --kv-cache-dtype)
+    k, v = kv.gather_blocks(block_ids)  # [M*S, K, D] each
+    k = k.to(qs.dtype).transpose(0, 1)[None]  # [1, K, M*S, D]
+    v = v.to(qs.dtype).transpose(0, 1)[None]
     out, lse = attention_lse(qs, k, v, None, scale)  # [1, K, R*G, D], [1, K, R*G]
     out = out[0].reshape(kh, r, g, d).transpose(0, 1)  # [R, K, G, D]
     lse = lse[0].reshape(kh, r, g).transpose(0, 1)  # [R, K, G]
     return out, lse
 
 
-def two_phase_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     plan: TwoPhasePlan, block_size: int, scale: float) -> torch.Tensor:
-    """q [B, H, D] decode queries; caches [N*S, K, D] -> [B, H, D]."""
+def two_phase_decode(q: torch.Tensor, kv: LayerKV, plan: TwoPhasePlan, scale: float
+                     ) -> torch.Tensor:
+    """q [B, H, D] decode queries; kv one layer's store -> [B, H, D]."""
     b, h, d = q.shape
-    kh = k_cache.shape[1]
+    k, v = kv.gather_blocks(plan.private_block_ids)  # [B*nbp*S, K, D] each
+    kh = k.shape[1]
     assert h % kh == 0, (h, kh)
     qg = q.reshape(b, kh, h // kh, d)  # [B, K, G, D]: query head h reads KV head h // G
-    k = gather_blocks(k_cache, plan.private_block_ids, block_size).to(q.dtype)  # [B*nbp*S, K, D]
-    v = gather_blocks(v_cache, plan.private_block_ids, block_size).to(q.dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     k = k.view(b, -1, kh, d).transpose(1, 2)  # [B, K, nbp*S, D]
     v = v.view(b, -1, kh, d).transpose(1, 2)  # [B, K, nbp*S, D]
     if not plan.groups:  # nothing shared: plain batched decode, no log-sum-exp needed
@@ -121,8 +123,8 @@ def two_phase_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o, lse = attention_lse(qg, k, v, plan.private_bias, scale)  # [B, K, G, D], [B, K, G]
     o = o.float()
     for group in plan.groups:
-        o_g, lse_g = chunk_first_attention(qg, k_cache, v_cache, group.rows, group.block_ids,
-                                           block_size, scale)  # [R, K, G, D], [R, K, G]
+        o_g, lse_g = chunk_first_attention(qg, kv, group.rows, group.block_ids,
+                                           scale)  # [R, K, G, D], [R, K, G]
         if group.rows is None:
             o, lse = merge_partials(o, lse, o_g.float(), lse_g)
         else:
@@ -253,19 +255,20 @@ class TwoPhaseBackend:
         mask = torch.arange(nbp * s, device=device)[None, :] < lens[:, None]  # [B, nbp * S]
         return ids, mask[:, None, None, :]
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, H, D]; k_cache/v_cache [N*S, K, D] of one layer -> out [T, H, D]."""
+    def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
+                v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q [T, H, D]; k_new, v_new [T, K, D] or None; kv one layer's store -> [T, H, D]."""
         bd = meta.num_decode_tokens
         plan = meta.backend_data
         if bd and not isinstance(plan, TwoPhasePlan):  # called without the runner's hook
             plan = self.prepare(meta)
         if not meta.prefills:
-            return two_phase_decode(q, k_cache, v_cache, plan, meta.block_size, scale)
+            return two_phase_decode(q, kv, plan, scale)
         out = torch.empty_like(q)
         if bd:
-            out[:bd] = two_phase_decode(q[:bd], k_cache, v_cache, plan, meta.block_size, scale)
-        prefill_spans_attention(q, k_cache, v_cache, meta, scale, out)
+            out[:bd] = two_phase_decode(q[:bd], kv, plan, scale)
+        prefill_spans_attention(q, k_new, v_new, kv, meta, scale, out)
         return out
 
 

@@ -1,16 +1,33 @@
-"""The KV tensors: one preallocated pool of blocks per layer, addressed by flat slot rows.
+"""The KV store: one preallocated pool of blocks per layer in a named format, and its registry.
+
+A *format* (`--kv-cache-dtype`) owns its storage tensors and decides everything about how a
+token's K and V are kept: the bytes a block takes (which sizes the pool from
+`--kv-cache-memory`), how the step's new K/V are written (rounded, quantized, ...), how history
+is read back (`LayerKV.gather_blocks`: compute-dtype rows for the PyTorch backends and the
+reference oracle; `LayerKV.kernel`: the arrays the CPU numba kernels read in place), and what
+happens when a block becomes full and immutable (`seal`). Formats are registered by name, like
+attention backends (`register_format`, `make_kv_store`).
+
+Keys are stored after RoPE by every format here (`pre_rope = False`); a format that stores them
+before RoPE (KVQuant) says so and rotates on read with the tables the attention side passes.
 
 Invariants:
-- `k[l]` and `v[l]` are [N*S, K, D] views of layer l; block b owns rows b*S .. b*S+S-1 in every
-  layer ("one block id spans all layers").
-- Every slot always holds a finite value (zero until first written).
-- The store never decides which block a token goes to: the KV manager does, the runner turns that
-  into slot rows, and the model writes them with `write`.
+- Block b owns rows b*S .. b*S+S-1 of every layer ("one block id spans all layers"); each
+  storage tensor is [L, N*S, ...] with the row axis second.
+- Every slot always holds finite values (zero until first written).
+- `write` returns the step's K/V exactly as a later reader of those rows will see them
+  ("fresh" rows). Backends attend to these for the step's own tokens instead of reading them
+  back, and because they equal the stored values, a token's output does not depend on whether
+  its context came from this step, an earlier chunk, or a shared prefix-cache chunk.
+- The store never decides which block a token goes to: the KV manager does, the runner turns
+  that into slot rows, and the model writes them with `write`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -24,70 +41,206 @@ class ModelShape(Protocol):
     num_kv_heads: int
     head_dim: int
 
-# Cache dtypes the CPU numba kernels (rope-into-cache, decode attention, fused decode step) read
-# and write; other dtypes (bfloat16) go through the PyTorch paths.
+
+# Storage dtypes of dense caches the CPU numba kernels (rope-into-cache, decode attention, fused
+# decode step) read and write; bfloat16 goes through the PyTorch paths.
 KERNEL_KV_DTYPES = (torch.float32, torch.float16)
 
 
 def kernel_dtype(cache: torch.Tensor) -> bool:
-    """Whether the CPU kernels take this cache tensor."""
+    """Whether the CPU kernels take this dense cache tensor."""
     return cache.device.type == "cpu" and cache.dtype in KERNEL_KV_DTYPES
 
 
 def kernel_view(cache: torch.Tensor) -> np.ndarray:
-    """The numpy array the kernels take for a CPU cache tensor (no copy): fp32 as is, fp16 as its
-    uint16 bits (numba has no half type; simd.vload_kv / store_kv convert)."""
+    """The numpy array the kernels take for a CPU tensor (no copy): fp16 as its uint16 bits
+    (numba has no half type; simd.vload_kv / store_kv / load_f16 convert), others as they are."""
     a = cache.numpy()
-    return a if cache.dtype == torch.float32 else a.view(np.uint16)
+    return a.view(np.uint16) if cache.dtype == torch.float16 else a
 
 
-def bytes_per_block(cfg: ModelShape, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, K and V."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+def no_scale(ndim: int = 2) -> np.ndarray:
+    """The (empty) scale array of a format without scales."""
+    return np.zeros((0,) * ndim, np.uint16)
+
+
+@dataclass(frozen=True)
+class KernelKV:
+    """One layer's cache as the CPU kernels read it (numpy views, no copy).
+
+    k, v [N*S, K, D]: float32, float16 as uint16, or int8 codes. k_scale, v_scale [N*S, K]
+    float16 as uint16 (one scale per token and KV head: value = code * scale) for int8; empty
+    [0, 0] arrays for dense formats."""
+
+    k: np.ndarray
+    v: np.ndarray
+    k_scale: np.ndarray = field(default_factory=no_scale)
+    v_scale: np.ndarray = field(default_factory=no_scale)
+
+
+class LayerKV:
+    """One layer of a store, as an attention backend sees it."""
+
+    __slots__ = ("store", "layer")
+
+    def __init__(self, store: KVStore, layer: int) -> None:
+        self.store = store
+        self.layer = layer
+
+    def gather_blocks(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_ids [M] long -> k, v [M*S, K, D] in the compute dtype (whole blocks)."""
+        return self.store.gather_blocks(self.layer, block_ids)
+
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [R] long flat slot rows -> k, v [R, K, D] in the compute dtype."""
+        return self.store.gather_rows(self.layer, rows)
+
+    @property
+    def kernel(self) -> Optional[KernelKV]:
+        """The arrays the CPU kernels read, or None when they cannot read this store."""
+        return self.store.kernel_layer(self.layer)
 
 
 class KVStore:
-    def __init__(self, cfg: ModelShape, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    """Base of the KV formats. Subclasses set `name`, `pre_rope`, create their tensors in
+    `__init__` and implement `element_bytes`, `write`, `gather_rows`; the rest has defaults.
+
+    Not thread-safe: the engine thread writes and reads it."""
+
+    name: str = ""
+    pre_rope: bool = False  # whether keys are stored before RoPE (see module docstring)
+
+    def __init__(self, shape: ModelShape, num_blocks: int, block_size: int,
+                 compute_dtype: torch.dtype, device: torch.device) -> None:
+        self.num_layers = shape.num_layers
+        self.num_kv_heads = shape.num_kv_heads
+        self.head_dim = shape.head_dim
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zeroed, not empty: attention gathers whole blocks and masks the unwritten slots, and a
-        # masked slot holding NaN garbage would still poison the output (0 * NaN = NaN).
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N*S, K, D]
-        self.bytes_per_block = bytes_per_block(cfg, block_size, dtype)
+        self.compute_dtype = compute_dtype
+        self.device = device
+        self.bytes_per_block = self.block_bytes(shape, block_size)
+        self._layers = [LayerKV(self, i) for i in range(shape.num_layers)]
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [T] long; k, v [T, K, D] (any float dtype: rounded to the cache's) -> stored at
-        those rows of layer `layer`."""
-        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+    # -- sizing ------------------------------------------------------------------------------
+
+    @classmethod
+    def token_head_bytes(cls, head_dim: int) -> int:
+        """Bytes one token's K and V of one KV head take (both together)."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_bytes(cls, shape: ModelShape, block_size: int) -> int:
+        """Bytes one block takes across all layers, K and V."""
+        return (shape.num_layers * block_size * shape.num_kv_heads
+                * cls.token_head_bytes(shape.head_dim))
+
+    def _rows_shape(self) -> tuple[int, int]:
+        return self.num_layers, self.num_blocks * self.block_size
+
+    # -- the layer views ---------------------------------------------------------------------
+
+    def layer(self, i: int) -> LayerKV:
+        return self._layers[i]
+
+    def kernel_layer(self, layer: int) -> Optional[KernelKV]:
+        """CPU kernel arrays of one layer; None when the kernels cannot read this format."""
+        return None
+
+    def kernel_all(self) -> Optional[KernelKV]:
+        """CPU kernel arrays of every layer ([L, N*S, ...]), for the fused decode step."""
+        return None
+
+    # -- writing and reading -----------------------------------------------------------------
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [T] long; k, v [T, K, D] compute dtype (k rotated unless `pre_rope`) -> stored
+        at those rows of layer `layer`; returns k, v [T, K, D] as a reader will see them."""
+        raise NotImplementedError
+
+    def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def gather_blocks(self, layer: int, block_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather_rows(layer, _block_rows_t(block_ids, self.block_size))
+
+    def seal(self, block_ids: list[int]) -> None:
+        """Called by the engine when these blocks became full and immutable (committed): the
+        hook for quantize-on-seal, offload and send. The formats here store each row in its
+        final form when written, so they do nothing."""
 
     # -- moving blocks between engines (export/import of a request) ---------------------------
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The storage tensors by name, each [L, N*S, ...] (row axis second)."""
+        raise NotImplementedError
+
     def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
-        """The stored bytes of these blocks, every layer, as CPU tensors (name -> tensor):
-        "k" and "v" [L, len(block_ids) * S, K, D] in the store's dtype, rows in table order."""
-        rows = _block_rows(block_ids, self.block_size, self.k.device)
-        return {"k": self.k[:, rows].cpu(), "v": self.v[:, rows].cpu()}
+        """The stored bytes of these blocks, every layer, as CPU tensors (name -> tensor, each
+        [L, len(block_ids) * S, ...] in the storage dtype), rows in table order."""
+        rows = _block_rows(block_ids, self.block_size, self.device)
+        return {name: t[:, rows].cpu() for name, t in self.tensors().items()}
 
     def import_blocks(self, block_ids: list[int], data: dict[str, torch.Tensor]) -> None:
         """Write what `export_blocks` returned (from an engine with the same format and model)
-        into these blocks; shapes and dtypes must match exactly (ValueError otherwise)."""
-        rows = _block_rows(block_ids, self.block_size, self.k.device)
-        for name, cache in (("k", self.k), ("v", self.v)):
-            t = data.get(name)
+        into these blocks; names, shapes and dtypes must match exactly (ValueError otherwise,
+        before anything is written)."""
+        rows = _block_rows(block_ids, self.block_size, self.device)
+        mine = self.tensors()
+        if set(data) != set(mine):
+            raise ValueError(f"KV import: format {self.name!r} stores {sorted(mine)}, got "
+                             f"{sorted(data)}")
+        for name, cache in mine.items():
+            t = data[name]
             want = (cache.shape[0], rows.shape[0], *cache.shape[2:])
-            if t is None or tuple(t.shape) != want or t.dtype != cache.dtype:
-                got = None if t is None else (tuple(t.shape), t.dtype)
+            if tuple(t.shape) != want or t.dtype != cache.dtype:
                 raise ValueError(f"KV import: tensor {name!r} must be {want} {cache.dtype}, "
-                                 f"got {got}")
-            cache[:, rows] = t.to(cache.device)
+                                 f"got {tuple(t.shape)} {t.dtype}")
+        for name, cache in mine.items():
+            cache[:, rows] = data[name].to(cache.device)
 
 
 def _block_rows(block_ids: list[int], block_size: int, device: torch.device) -> torch.Tensor:
     """[len(block_ids) * S] long: the flat rows of these blocks, in order."""
-    ids = torch.tensor(block_ids, dtype=torch.long, device=device)
-    return (ids[:, None] * block_size + torch.arange(block_size, device=device)).reshape(-1)
+    return _block_rows_t(torch.tensor(block_ids, dtype=torch.long, device=device), block_size)
+
+
+def _block_rows_t(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    offsets = torch.arange(block_size, device=block_ids.device)
+    return (block_ids[:, None] * block_size + offsets).reshape(-1)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+_FORMATS: dict[str, Callable[..., KVStore]] = {}
+_CLASSES: dict[str, type[KVStore]] = {}
+
+
+def register_format(name: str, cls: type[KVStore],
+                    factory: Optional[Callable[..., KVStore]] = None) -> None:
+    """Register a format class under `name`; `factory(shape, num_blocks, block_size,
+    compute_dtype, device)` builds it (default: the class itself)."""
+    _CLASSES[name] = cls
+    _FORMATS[name] = factory or cls
+
+
+def available_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def format_class(name: str) -> type[KVStore]:
+    if name not in _CLASSES:
+        raise ValueError(f"kv_cache_dtype: unknown {name!r}; known: {available_formats()}")
+    return _CLASSES[name]
+
+
+def make_kv_store(name: str, shape: ModelShape, num_blocks: int, block_size: int,
+                  compute_dtype: torch.dtype, device: torch.device) -> KVStore:
+    format_class(name)  # the error for an unknown name
+    return _FORMATS[name](shape, num_blocks, block_size, compute_dtype, device)
+
+
+# The built-in formats register themselves; imported last because they subclass KVStore.
+from kvwise.cache import dense_kv, int8_kv  # noqa: E402, F401

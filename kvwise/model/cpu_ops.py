@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from kvwise.kernels.cpu import runtime
+from kvwise.kernels.cpu import kv_rows, runtime
 from kvwise.kernels.cpu.simd import store_kv, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 from kvwise.model.quant.dispatch import SMALL_BATCH_MAX
 
@@ -91,6 +92,34 @@ def rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows):
         vbase = (num_heads + k_count) * d
         for i in range(k_count * d):
             store_kv(v_dst, r * k_count * d + i, qkv[t, vbase + i])
+
+
+def rope_write(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, ks_dst, vs_dst, rows,
+               k_buf, v_buf):  # pragma: no cover
+    """rope_split into the caches' rows `rows`, whatever the cache format: dense caches are
+    written by the rope kernel directly; int8 caches (with scales ks_dst, vs_dst) through the
+    fp32 buffers k_buf, v_buf [T, K, D] and `kv_rows.store_rows`, exactly as the per-op path
+    (rope_qkv, then the format's write) does. numba code only: the implementation is chosen by
+    the cache dtype when compiled."""
+    raise NotImplementedError("rope_write is compiled by numba; call it from an njit function")
+
+
+@overload(rope_write, jit_options={"cache": True, "nogil": True})
+def _rope_write(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, ks_dst, vs_dst, rows,
+                k_buf, v_buf):
+    if isinstance(k_dst, types.Array) and k_dst.dtype == types.int8:
+        def quantized(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, ks_dst, vs_dst,
+                      rows, k_buf, v_buf):
+            t = qkv.shape[0]
+            rope_split(qkv, positions, cos, sin, num_heads, q_out, k_buf[:t], v_buf[:t],
+                       np.arange(t))
+            kv_rows.store_rows(k_buf[:t], v_buf[:t], rows, k_dst, v_dst, ks_dst, vs_dst)
+        return quantized
+
+    def dense(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, ks_dst, vs_dst, rows,
+              k_buf, v_buf):
+        rope_split(qkv, positions, cos, sin, num_heads, q_out, k_dst, v_dst, rows)
+    return dense
 
 
 @njit(fastmath=_NO_CONTRACT, cache=True, nogil=True, error_model="numpy", inline="always")

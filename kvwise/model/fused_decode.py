@@ -12,10 +12,10 @@ numba launch per projection woke a sleeping TBB worker each time, too late to sh
 projection; as a team, 30 layers x 4 int4 projections (66 MB) went from 5.3 to 4.6 ms (fp32
 activations), and the whole step at batch 1 from ~6.5 to ~4.9 ms with int8 activations.
 
-When it runs (`FusedDecode.applies`): CPU, fp32 activations, an fp32 or fp16 KV cache, every decoder
-projection int4 or every one int8 (the LM head int4 or int8), the paged attention backend, and a
-step whose tokens are all decode tokens, at most SMALL_BATCH_MAX of them. Anything else goes
-through LlamaModel.forward.
+When it runs (`FusedDecode.applies`): CPU, fp32 activations, a KV format the CPU kernels read
+(fp32, fp16, int8), every decoder projection int4 or every one int8 (the LM head int4 or int8), the
+paged attention backend, and a step whose tokens are all decode tokens, at most SMALL_BATCH_MAX of
+them. Anything else goes through LlamaModel.forward.
 
 Invariants:
 - Bit-identical to LlamaModel.forward for the same step: the same kernels run in the same order
@@ -42,7 +42,7 @@ from numba.typed import List
 
 from kvwise.attention import cpu_decode
 from kvwise.attention.backend import AttentionMetadata
-from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
+from kvwise.cache.kv_store import KVStore
 from kvwise.kernels.cpu import runtime, team
 from kvwise.model import cpu_ops
 from kvwise.model.quant import kernels
@@ -93,9 +93,12 @@ def _add(x, y):
 @njit(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _member(sync, member, members, tokens, positions, slots, block_ids, lens, block_size,
             attn_scale, eps, embed, cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w,
-            down_w, head_w, dec_int4, head_int4, dec_a8, head_a8, k_cache, v_cache, num_heads, x,
-            h, qkv, q, attn, tmp, gu, act, logits):
-    """One team member's walk through the step's phases (team.py); every member runs this."""
+            down_w, head_w, dec_int4, head_int4, dec_a8, head_a8, k_cache, v_cache, k_scale,
+            v_scale, kv_buf, num_heads, x, h, qkv, q, attn, tmp, gu, act, logits):
+    """One team member's walk through the step's phases (team.py); every member runs this.
+    k_cache, v_cache [L, N*S, K, D] and k_scale, v_scale [L, N*S, K] (int8 caches; [L, 0, 0]
+    for dense ones) as `KVStore.kernel_all` gives them; kv_buf [2, T, K, D] fp32 scratch for
+    the int8 write."""
     t_count = tokens.shape[0]
     num_layers = norms_in.shape[0]
     flat_attn = attn.reshape(t_count, attn.shape[1] * attn.shape[2])
@@ -118,16 +121,18 @@ def _member(sync, member, members, tokens, positions, slots, block_ids, lens, bl
         _linear(sync, p, member, members, h, qkv_w[layer], dec_int4, dec_a8, qkv, scr)
         p += 1
         if team.serial(sync, p, members):
-            cpu_ops.rope_split(qkv, positions, cos, sin, num_heads, q, k_cache[layer],
-                               v_cache[layer], slots)
+            cpu_ops.rope_write(qkv, positions, cos, sin, num_heads, q, k_cache[layer],
+                               v_cache[layer], k_scale[layer], v_scale[layer], slots, kv_buf[0],
+                               kv_buf[1])
             team.finish(sync, p, members, 1)
         team.wait(sync, p, members, 1)
         p += 1
         c = team.claim(sync, p, member, members, tasks)
         done = 0
         while c >= 0:
-            cpu_decode.attention_task(q, k_cache[layer], v_cache[layer], block_ids, lens,
-                                      block_size, attn_scale, attn, c, split)
+            cpu_decode.attention_task(q, k_cache[layer], v_cache[layer], k_scale[layer],
+                                      v_scale[layer], block_ids, lens, block_size, attn_scale,
+                                      attn, c, split)
             done += 1
             c = team.claim(sync, p, member, members, tasks)
         team.finish(sync, p, members, done)
@@ -168,14 +173,14 @@ PHASES_PER_LAYER = 9  # phases `_member` walks per layer (4 projections, 5 other
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 def _step(members, tokens, positions, slots, block_ids, lens, block_size, attn_scale, eps, embed,
           cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w, gu_w, down_w, head_w, dec_int4,
-          head_int4, dec_a8, head_a8, k_cache, v_cache, num_heads, x, h, qkv, q, attn, tmp, gu,
-          act, logits):
+          head_int4, dec_a8, head_a8, k_cache, v_cache, k_scale, v_scale, kv_buf, num_heads, x, h,
+          qkv, q, attn, tmp, gu, act, logits):
     sync = team.counters(2 + PHASES_PER_LAYER * norms_in.shape[0], members)
     for member in prange(members):
         _member(sync, member, members, tokens, positions, slots, block_ids, lens, block_size,
                 attn_scale, eps, embed, cos, sin, norms_in, norms_post, norm_final, qkv_w, o_w,
                 gu_w, down_w, head_w, dec_int4, head_int4, dec_a8, head_a8, k_cache, v_cache,
-                num_heads, x, h, qkv, q, attn, tmp, gu, act, logits)
+                k_scale, v_scale, kv_buf, num_heads, x, h, qkv, q, attn, tmp, gu, act, logits)
 
 
 def _arrays(layer: torch.nn.Module) -> Optional[tuple[np.ndarray, ...]]:
@@ -212,6 +217,7 @@ class FusedDecode:
         self._bufs = [np.empty((n,) + shape, np.float32) for shape in (
             (e,), (e,), (qkv_out,), (cfg.num_heads, hd), (cfg.num_heads, hd), (e,),
             (2 * cfg.intermediate_size,), (cfg.intermediate_size,))]
+        self._kv_buf = np.empty((2, n, cfg.num_kv_heads, hd), np.float32)  # int8 caches' write
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> Optional[FusedDecode]:
@@ -243,8 +249,7 @@ class FusedDecode:
                 num_logits: int) -> bool:
         return (num_logits == num_tokens and not meta.prefills and 0 < num_tokens <= SMALL_BATCH_MAX
                 and num_tokens == meta.num_decode_tokens and backend_name == "paged"
-                and kernel_dtype(kv.k)
-                and meta.decode_context_lens is not None)
+                and kv.kernel_all() is not None and meta.decode_context_lens is not None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -258,13 +263,14 @@ class FusedDecode:
         logits = torch.empty(t, self.embed.shape[0])
         a8 = self.workspace.act_int8
         members = min(self.workspace.num_threads, runtime.num_threads())  # threads numba has
+        kern = kv.kernel_all()
         _step(members, input_ids.numpy(), positions.numpy(),
               meta.slot_mapping.numpy(), meta.decode_block_ids.numpy(),
               meta.decode_context_lens.numpy(), meta.block_size,
               self.attn_scale, self.eps, self.embed, self.model.cos.numpy(),
               self.model.sin.numpy(), self.norms_in, self.norms_post, self.norm_final,
               self.qkv_w, self.o_w, self.gu_w, self.down_w, self.head_w, self.dec_int4,
-              self.head_int4, self.dec_int4 and a8, self.head_int4 and a8, kernel_view(kv.k),
-              kernel_view(kv.v), self.model.cfg.num_heads, x, h, qkv, q, attn, tmp, gu, act,
-              logits.numpy())
+              self.head_int4, self.dec_int4 and a8, self.head_int4 and a8, kern.k, kern.v,
+              kern.k_scale, kern.v_scale, self._kv_buf[:, :t], self.model.cfg.num_heads, x, h,
+              qkv, q, attn, tmp, gu, act, logits.numpy())
         return logits

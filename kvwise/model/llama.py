@@ -12,13 +12,15 @@ Invariants:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from kvwise.attention.backend import AttentionBackend, AttentionMetadata
-from kvwise.cache.kv_store import KVStore, kernel_dtype, kernel_view
+from kvwise.cache.kv_store import KVStore
 from kvwise.model import cpu_ops
 from kvwise.model.config import ModelConfig
 from kvwise.model.fused_decode import FusedDecode
@@ -29,6 +31,15 @@ from kvwise.model.rope import apply_rope, rope_tables
 # kernel: 64-row decode steps save the index_copy (~0.12 ms per layer). Measured slower for
 # 1024-token prefill (fp32 prefill@1024: 585-601 vs 613-628 tok/s), which keeps rope + index_copy.
 ROPE_INTO_CACHE_MAX_TOKENS = 256
+
+
+@dataclass
+class StepState:
+    """What flows between the layers of one step (LlamaModel.embed_step / layer_step)."""
+
+    x: torch.Tensor  # [T, E] residual stream
+    positions: torch.Tensor  # [T] long
+    tables: Optional[tuple[torch.Tensor, torch.Tensor]]  # cos, sin [T, D]; None: CPU kernels
 
 
 class DecoderLayer(nn.Module):
@@ -98,25 +109,57 @@ class LlamaModel(nn.Module):
 
     def _rope_store(self, i: int, qkv: torch.Tensor, positions: torch.Tensor,
                     tables: Optional[tuple[torch.Tensor, torch.Tensor]], layer: nn.Module,
-                    kv: KVStore, meta: AttentionMetadata) -> torch.Tensor:
-        """Rotate q and k, store k and v of layer i at the step's slots; -> q [T, H, D]."""
+                    kv: KVStore, meta: AttentionMetadata
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Rotate q and k, store k and v of layer i at the step's slots through the format;
+        -> q [T, H, D] and the step's k, v [T, K, D] as stored (None, None when the rope kernel
+        wrote them straight into a dense cache: reading them back is exact)."""
         t = qkv.shape[0]
-        if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kernel_dtype(kv.k)
-                and cpu_ops.supported(qkv)):
-            # the rope kernel writes k and v straight into their cache rows (no copy)
+        kern = kv.kernel_layer(i)
+        if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kern is not None
+                and kern.k.dtype != np.int8 and cpu_ops.supported(qkv)):
+            # the rope kernel writes k and v straight into their dense cache rows (no copy)
             q = torch.empty(t, self.cfg.num_heads, self.cfg.head_dim)
             cpu_ops.rope_split(qkv.numpy(), positions.numpy(), self.cos.numpy(), self.sin.numpy(),
-                               self.cfg.num_heads, q.numpy(), kernel_view(kv.k[i]),
-                               kernel_view(kv.v[i]), meta.slot_mapping.numpy())
-            return q
+                               self.cfg.num_heads, q.numpy(), kern.k, kern.v,
+                               meta.slot_mapping.numpy())
+            return q, None, None
         q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
-        kv.write(i, meta.slot_mapping, k, v)
-        return q
+        k, v = kv.write(i, meta.slot_mapping, k, v)  # as a reader of the store will see them
+        return q, k, v
 
     def release_threads(self) -> None:
         """Give torch back the engine's thread count (the fused decode step runs it on one)."""
         if self._fused is not None:
             self._fused.release_threads()
+
+    # -- the step, layer by layer (a runner may drive these itself, e.g. to overlap loads) ----
+
+    def embed_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> StepState:
+        """Start a step: input_ids, positions [T] -> the residual stream x [T, E] and the RoPE
+        tables the layers share."""
+        kernels = input_ids.device.type == "cpu" and self.cos.dtype == torch.float32
+        tables = None if kernels else (self.cos[positions], self.sin[positions])  # [T, D] each
+        return StepState(self.embed(input_ids), positions, tables)  # x [T, E]
+
+    def layer_step(self, i: int, state: StepState, kv: KVStore, meta: AttentionMetadata,
+                   backend: AttentionBackend) -> None:
+        """Run decoder layer i on the step (state.x [T, E] updated in place of the state)."""
+        layer = self.layers[i]
+        x = state.x
+        t = x.shape[0]
+        h = self._rms(x, layer.input_norm)  # [T, E]
+        qkv = layer.qkv(h)  # [T, (H+2K)D]
+        q, k, v = self._rope_store(i, qkv, state.positions, state.tables, layer, kv, meta)
+        attn = backend.forward(q, k, v, kv.layer(i), meta, self.scale)  # [T, H, D]
+        x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
+        h = self._rms(x, layer.post_norm)
+        state.x = x + layer.down(cpu_ops.silu_mul(layer.gate_up(h)))  # silu(gate)*up: [T, I]
+
+    def head_step(self, state: StepState, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Finish a step: -> logits [R, V] fp32 of the rows `logits_indices` [R]."""
+        x = self._rms(state.x[logits_indices], self.norm)  # [R, E]
+        return self.lm_head(x).float()  # [R, V]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
@@ -127,19 +170,10 @@ class LlamaModel(nn.Module):
         if fused is not None and fused.applies(meta, backend.name, kv, t, logits_indices.shape[0]):
             return fused(input_ids, positions, kv, meta)  # same kernels, one call
         self.release_threads()
-        kernels = input_ids.device.type == "cpu" and self.cos.dtype == torch.float32
-        tables = None if kernels else (self.cos[positions], self.sin[positions])  # [T, D] each
-        x = self.embed(input_ids)  # [T, E]
-        for i, layer in enumerate(self.layers):
-            h = self._rms(x, layer.input_norm)  # [T, E]
-            qkv = layer.qkv(h)  # [T, (H+2K)D]
-            q = self._rope_store(i, qkv, positions, tables, layer, kv, meta)  # [T, H, D]
-            attn = backend.forward(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, H, D]
-            x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
-            h = self._rms(x, layer.post_norm)
-            x = x + layer.down(cpu_ops.silu_mul(layer.gate_up(h)))  # silu(gate) * up: [T, I]
-        x = self._rms(x[logits_indices], self.norm)  # [R, E]
-        return self.lm_head(x).float()  # [R, V]
+        state = self.embed_step(input_ids, positions)
+        for i in range(len(self.layers)):
+            self.layer_step(i, state, kv, meta, backend)
+        return self.head_step(state, logits_indices)
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up. Consumes `weights`."""

@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
+from kvwise.kernels.cpu.features import cpu_features
+
 VEC = 16  # lanes of the vector type
 _F32 = ir.FloatType()
 _V16F = ir.VectorType(_F32, VEC)
@@ -101,14 +103,16 @@ def vstore(typingctx: Any, arr: Any, offset: Any, vec: Any) -> Any:
     return types.void(arr, offset, vec), codegen
 
 
-@intrinsic
-def vload_i8(typingctx: Any, arr: Any, offset: Any) -> Any:
+def _vload_i8(typingctx: Any, arr: Any, offset: Any) -> Any:
     """int8 arr[offset : offset + 16] -> f32x16 (exact conversion)."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         off = context.cast(builder, args[1], sig.args[1], types.intp)
         p = _ptr(context, builder, sig.args[0], args[0], off, _V16I8)
         return builder.sitofp(builder.load(p, align=1), _V16F)
     return f32x16(arr, offset), codegen
+
+
+vload_i8 = intrinsic(_vload_i8)
 
 
 def _nibbles(high: bool) -> Any:
@@ -152,8 +156,11 @@ def _kv_elem(arr_type: Any) -> ir.Type:
 
 @intrinsic
 def vload_kv(typingctx: Any, arr: Any, offset: Any) -> Any:
-    """KV cache arr[offset : offset + 16] -> f32x16: a float32 array, or an IEEE half array viewed
-    as uint16 (widened exactly; `vcvtph2ps` on x86)."""
+    """KV cache arr[offset : offset + 16] -> f32x16: a float32 array, an IEEE half array viewed
+    as uint16 (widened exactly; `vcvtph2ps` on x86), or int8 codes (converted exactly; the
+    caller applies their scale)."""
+    if arr.dtype == types.int8:
+        return _vload_i8(typingctx, arr, offset)
     elem = _kv_elem(arr)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
@@ -314,12 +321,10 @@ _V64I8 = ir.VectorType(ir.IntType(8), 64)
 
 
 def _vnni() -> bool:
-    try:
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get("avx512vnni"))
-    except Exception:  # pragma: no cover - platforms without feature detection
-        return False
+    """Whether the CPU, as capped by KVWISE_CPU_ISA, has AVX-512 VNNI: LLVM cannot lower the
+    vpdpbusd intrinsic for a target without it (it aborts the process), so this must follow
+    the cap numba compiles for, not the host."""
+    return cpu_features().avx512vnni
 
 
 VNNI = _vnni()  # AVX-512 VNNI: vpdpbusd does 64 u8 x s8 products into 16 int32 lanes

@@ -5,26 +5,30 @@ Tolerance: both compute fp32 softmax attention; they differ in summation order o
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvwise.attention import cpu_decode, paged
+from tests.unit.attention.kv_views import layer_kv
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 90), min_size=1, max_size=5), st.sampled_from([1, 2, 4, 16]),
        st.sampled_from([(4, 4), (8, 2), (9, 3)]), st.sampled_from([16, 64]), st.integers(0, 99),
-       st.sampled_from([torch.float32, torch.float16]))
-def test_cpu_decode_matches_paged_reference(lens, block_size, heads, d, seed, dtype):
+       st.sampled_from(["float32", "float16", "int8"]))
+def test_cpu_decode_matches_paged_reference(lens, block_size, heads, d, seed, fmt):
     """fp16 caches (--kv-cache-dtype float16): the reference gathers and widens the same halves,
-    so the tolerance is the fp32 one."""
+    so the tolerance is the fp32 one. int8 caches: the reference dequantizes the codes (code *
+    scale) before the dot products, the kernel applies the scales to the score and the softmax
+    weight; the same values up to fp32 rounding of the products (~1e-6 relative)."""
     g = torch.Generator().manual_seed(seed)
     h, k = heads
     num_blocks = 64
     kc = torch.randn(num_blocks * block_size * 8, k, d, generator=g)[: num_blocks * block_size]
-    vc = torch.randn(num_blocks * block_size, k, d, generator=g).to(dtype)
-    kc = kc.contiguous().to(dtype)
+    vc = torch.randn(num_blocks * block_size, k, d, generator=g)
+    kv = layer_kv(kc.contiguous(), vc, block_size, fmt)
     nb = (max(lens) + block_size - 1) // block_size
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, used = [], 0
@@ -37,36 +41,40 @@ def test_cpu_decode_matches_paged_reference(lens, block_size, heads, d, seed, dt
     ctx = torch.tensor(lens)
     mask = (torch.arange(nb * block_size)[None, :] < ctx[:, None])[:, None, None, :]
     q = torch.randn(len(lens), h, d, generator=g)
-    ref = paged.decode_attention(q, kc, vc, ids, mask, block_size, d ** -0.5)
-    got = cpu_decode.decode_attention(q, kc, vc, ids, ctx, block_size, d ** -0.5)
+    ref = paged.decode_attention(q, kv, ids, mask, d ** -0.5)
+    got = cpu_decode.decode_attention(q, kv.kernel, ids, ctx, block_size, d ** -0.5)
     err = (got - ref).abs().max().item()
-    print(f"max abs err {err:.3g}")
+    print(f"{fmt}: max abs err {err:.3g}")
     assert err <= 1e-5
 
 
-def test_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_rows_do_not_depend_on_the_batch(fmt):
     g = torch.Generator().manual_seed(0)
-    kc = torch.randn(32 * 16, 3, 64, generator=g)
-    vc = torch.randn(32 * 16, 3, 64, generator=g)
+    kv = layer_kv(torch.randn(32 * 16, 3, 64, generator=g),
+                  torch.randn(32 * 16, 3, 64, generator=g),
+                  16, fmt).kernel
     q = torch.randn(2, 9, 64, generator=g)
     ids = torch.tensor([1, 2, 3, 4, 5, 0])
-    both = cpu_decode.decode_attention(q, kc, vc, ids, torch.tensor([40, 10]), 16, 0.125)
-    alone = cpu_decode.decode_attention(q[1:], kc, vc, ids[3:4], torch.tensor([10]), 16, 0.125)
+    both = cpu_decode.decode_attention(q, kv, ids, torch.tensor([40, 10]), 16, 0.125)
+    alone = cpu_decode.decode_attention(q[1:], kv, ids[3:4], torch.tensor([10]), 16, 0.125)
     assert torch.equal(both[1], alone[0])
 
 
-def test_rows_do_not_depend_on_the_task_split():
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_rows_do_not_depend_on_the_task_split(fmt):
     """Under 4 requests a request's KV heads are split over tasks, from 4 on they are not: the
     same request gives the same bits either way."""
     g = torch.Generator().manual_seed(1)
-    kc = torch.randn(64 * 16, 3, 64, generator=g)
-    vc = torch.randn(64 * 16, 3, 64, generator=g)
+    kv = layer_kv(torch.randn(64 * 16, 3, 64, generator=g),
+                  torch.randn(64 * 16, 3, 64, generator=g),
+                  16, fmt).kernel
     lens = torch.tensor([37, 16, 5, 90, 64])
     q = torch.randn(5, 9, 64, generator=g)
     ids = torch.arange(5 * 6).flip(0)  # 6 blocks per request, reversed order
-    batch = cpu_decode.decode_attention(q, kc, vc, ids, lens, 16, 0.125)
+    batch = cpu_decode.decode_attention(q, kv, ids, lens, 16, 0.125)
     for b in range(5):
-        alone = cpu_decode.decode_attention(q[b:b + 1], kc, vc, ids[b * 6:(b + 1) * 6],
+        alone = cpu_decode.decode_attention(q[b:b + 1], kv, ids[b * 6:(b + 1) * 6],
                                             lens[b:b + 1], 16, 0.125)
         assert torch.equal(batch[b], alone[0]), b
 

@@ -10,6 +10,8 @@ import torch
 from kvwise.attention.backend import AttentionMetadata, PrefillSpan
 from kvwise.attention.paged import PagedBackend
 from kvwise.attention.reference import ReferenceBackend
+from kvwise.cache.kv_store import available_formats, make_kv_store
+from tests.unit.attention.kv_views import layer_kv
 
 S, K, H, D = 4, 3, 9, 16
 
@@ -43,8 +45,11 @@ def _meta(spans: list[tuple[int, int]], num_blocks: int, rng: random.Random):
                              tables, ctx_lens), start
 
 
+@pytest.mark.parametrize("fmt", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("seed", range(6))
-def test_paged_matches_reference(seed):
+def test_paged_matches_reference(seed, fmt):
+    """Both read the same stored rows through the format (int8: dequantized), so the fp32
+    tolerance holds for every format."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     decodes = [(rng.randrange(0, 40), 1) for _ in range(rng.randrange(0, 5))]
@@ -53,11 +58,11 @@ def test_paged_matches_reference(seed):
     if not decodes and not prefills:
         decodes = [(5, 1)]
     meta, t = _meta(decodes + prefills, num_blocks=64, rng=rng)
-    k_cache = torch.randn(64 * S, K, D)
-    v_cache = torch.randn(64 * S, K, D)
+    kv = layer_kv(torch.randn(64 * S, K, D), torch.randn(64 * S, K, D), S, fmt)
     q = torch.randn(t, H, D)
-    ours = PagedBackend().forward(q, k_cache, v_cache, meta, D ** -0.5)
-    ref = ReferenceBackend().forward(q, k_cache, v_cache, meta, D ** -0.5)
+    k_new, v_new = kv.gather_rows(meta.slot_mapping)  # the step's rows, as stored
+    ours = PagedBackend().forward(q, k_new, v_new, kv, meta, D ** -0.5)
+    ref = ReferenceBackend().forward(q, None, None, kv, meta, D ** -0.5)
     err = (ours - ref).abs().max().item()
     assert err <= 1e-5, err
 
@@ -67,10 +72,10 @@ def test_unwritten_slots_holding_nan_do_not_leak():
     them finite (KVStore zero-fills) — here we check the backend masks finite garbage exactly."""
     rng = random.Random(0)
     meta, t = _meta([(5, 1), (0, 6), (9, 3)], num_blocks=16, rng=rng)
-    k_cache = torch.randn(16 * S, K, D)
-    v_cache = torch.randn(16 * S, K, D)
+    kv = layer_kv(torch.randn(16 * S, K, D), torch.randn(16 * S, K, D), S)
+    k_cache, v_cache = kv.store.k[0], kv.store.v[0]
     q = torch.randn(t, H, D)
-    base = PagedBackend().forward(q, k_cache, v_cache, meta, 0.25)
+    base = PagedBackend().forward(q, None, None, kv, meta, 0.25)
     written = set(meta.slot_mapping.tolist())
     for table, ctx in zip(meta.block_tables, meta.context_lens):
         written |= {b * S + p for b in table for p in range(S) if b * S + p < b * S + S
@@ -78,15 +83,15 @@ def test_unwritten_slots_holding_nan_do_not_leak():
     junk = torch.tensor([r for r in range(16 * S) if r not in written])
     k_cache[junk] = 1e4
     v_cache[junk] = 1e4
-    again = PagedBackend().forward(q, k_cache, v_cache, meta, 0.25)
+    again = PagedBackend().forward(q, None, None, kv, meta, 0.25)
     assert torch.equal(base, again)
 
 
-def test_kv_store_starts_finite():
-    from kvwise.cache.kv_store import KVStore
+@pytest.mark.parametrize("fmt", available_formats())
+def test_kv_store_starts_finite(fmt):
     from kvwise.model.config import ModelConfig
 
     cfg = ModelConfig("llama", 32, 8, 16, 2, 2, 1, 4)
-    store = KVStore(cfg, num_blocks=3, block_size=4, dtype=torch.float32,
-                    device=torch.device("cpu"))
-    assert torch.isfinite(store.k).all() and torch.isfinite(store.v).all()
+    store = make_kv_store(fmt, cfg, 3, 4, torch.float32, torch.device("cpu"))
+    for t in store.tensors().values():
+        assert torch.isfinite(t.float()).all()

@@ -17,6 +17,7 @@ from kvwise.attention.two_phase import (
     attention_lse_math,
     merge_partials,
 )
+from tests.unit.attention.kv_views import layer_kv
 
 K, H, D = 3, 9, 16
 NUM_BLOCKS = 256
@@ -77,27 +78,28 @@ def _shared_batch(rng: random.Random, s: int, num_decode: int) -> list[tuple[lis
     return rows
 
 
-def _check(backend, rows, s: int, seed: int) -> float:
+def _check(backend, rows, s: int, seed: int, fmt: str = "float32") -> float:
     meta, t = _meta(rows, s)
     torch.manual_seed(seed)
-    k_cache = torch.randn(NUM_BLOCKS * s, K, D)
-    v_cache = torch.randn(NUM_BLOCKS * s, K, D)
+    kv = layer_kv(torch.randn(NUM_BLOCKS * s, K, D), torch.randn(NUM_BLOCKS * s, K, D), s, fmt)
     q = torch.randn(t, H, D)
     meta.backend_data = backend.prepare(meta)
-    ours = backend.forward(q, k_cache, v_cache, meta, D ** -0.5)
-    ref = ReferenceBackend().forward(q, k_cache, v_cache, meta, D ** -0.5)
+    ours = backend.forward(q, None, None, kv, meta, D ** -0.5)
+    ref = ReferenceBackend().forward(q, None, None, kv, meta, D ** -0.5)
     return (ours - ref).abs().max().item()
 
 
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
 @pytest.mark.parametrize("s", [4, 16])
 @pytest.mark.parametrize("seed", range(5))
-def test_two_phase_matches_reference(seed, s, fused, monkeypatch):
+def test_two_phase_matches_reference(seed, s, fused, fmt, monkeypatch):
+    """int8: shared chunks are read once, as int8 codes dequantized, by all their sharers."""
     if not fused:
         monkeypatch.setattr(two_phase, "_FLASH_CPU", None)
     rng = random.Random(seed)
     rows = _shared_batch(rng, s, num_decode=rng.randrange(2, 12))
-    err = _check(TwoPhaseBackend(), rows, s, seed)
+    err = _check(TwoPhaseBackend(), rows, s, seed, fmt)
     assert err <= TOL, err
 
 
