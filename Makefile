@@ -26,7 +26,13 @@ run: install
 test: install
 	$(VENV)/bin/ruff check kvwise tests
 	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
-	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider tests  # tests import torch before kvwise
+	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider tests  # kvwise sets it too; here in case a plugin loads torch first
+	@echo "== kernel and fused-step tests again, capped to AVX2 (KVWISE_CPU_ISA=avx2): the code an AVX2-only CPU such as Zen 3 runs (no AVX-512, VNNI, bf16)"
+	# a fresh process: numba and torch fix their target at import / first op. KVWISE_CPU_ISA is
+	# enough because tests/conftest.py imports kvwise, which exports the cap, before anything else
+	KVWISE_CPU_ISA=avx2 GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -rs -p no:cacheprovider \
+		tests/unit/kernels tests/unit/model/test_quant_kernels.py tests/unit/model/test_fused_decode.py \
+		tests/unit/attention/test_cpu_decode.py tests/unit/model/test_cpu_ops.py
 
 serve: install
 	$(VENV)/bin/kvwise serve --threads $(THREADS)

@@ -4,6 +4,15 @@ import os
 import sys
 import warnings
 
+from kvwise.kernels.cpu.features import apply_isa_cap
+
+# KVWISE_CPU_ISA=avx2|avx512 caps the instruction set of kvwise's dispatch and of the code numba,
+# ATen, oneDNN and MKL generate or pick (e.g. to run an AVX2-only CPU's code paths on an AVX-512
+# machine). Those libraries read their settings once, at import (numba) or at their first op
+# (torch), so the cap goes into the environment before anything else here imports them; it warns
+# if numba already compiled or torch already ran with the host's instruction set.
+apply_isa_cap()
+
 # PyTorch's OpenMP workers (GNU libgomp) spin ~300k iterations after every parallel op before
 # sleeping. kvwise interleaves torch ops with numba kernels on their own (TBB) threads, and on a
 # small CPU those spinning workers take the cores: batched decode attention ran 2-4x slower after

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+# kvwise first: its import exports the KVWISE_CPU_ISA cap (NUMBA_CPU_NAME, ATEN_CPU_CAPABILITY,
+# ...) and GOMP_SPINCOUNT, which numba, torch and libgomp read only once, at import or first op.
+# pytest loads this file before any test module, so `make test`'s capped run needs only
+# KVWISE_CPU_ISA; tests/unit/kernels/test_features.py checks that the cap reached numba and torch.
+import kvwise  # noqa: F401
+
+# isort: split
 import importlib.util
 import os
 

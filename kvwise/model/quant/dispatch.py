@@ -34,15 +34,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from kvwise.kernels.cpu.features import cpu_features
+
 
 def _bf16_native() -> bool:
-    try:
-        import llvmlite.binding as llvm
-
-        feats = llvm.get_host_cpu_features()
-    except Exception:  # pragma: no cover - platforms without feature detection
-        return False
-    return bool(feats.get("avx512bf16") or feats.get("amx-bf16"))
+    """bf16 dot products in hardware (AVX512-BF16 or AMX) on the CPU as capped by
+    KVWISE_CPU_ISA: without them oneDNN's bf16 GEMM is emulated and slower than fp32 sgemm."""
+    feats = cpu_features()
+    return feats.avx512bf16 or feats.amx_bf16
 
 
 BF16_NATIVE = _bf16_native()
