@@ -2,17 +2,28 @@
 
 Invariants:
 - A constructed `SamplingParams` is always valid; every check names the field it rejects.
+- Validity is judged on the values the sampler computes with: floats after rounding to float32
+  (so a `top_p` of 1e-300, which is 0 in float32, is rejected, not sampled), integers within the
+  ranges torch and the engine can hold (seed in 64 bits, counts in int32). Booleans are not
+  numbers here.
 - `top_k=None` / `top_p=1.0` / `min_p=0.0` mean "disabled"; `temperature=0.0` means greedy.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from kvwise.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_N = 128
+INT32_MAX = 2**31 - 1  # max_tokens, top_k and token ids: far above any context or vocabulary
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # a seed is any signed or unsigned 64-bit integer
+# Smallest normal float32: a top_p below it is 0 (or a subnormal flushed to 0) in the sampler.
+FLOAT32_MIN_NORMAL = 2.0**-126
 
 
 def _as_list(value: Union[None, str, list[str], tuple[str, ...]]) -> list[str]:
@@ -43,7 +54,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop_list = _as_list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is not None and self.top_k <= 0:
+        if _is_int(self.top_k) and self.top_k <= 0:  # type: ignore[operator]
             # 0 and -1 are the conventional "disabled" values of other engines
             self.top_k = None
         self._validate()
@@ -52,26 +63,33 @@ class SamplingParams:
         def bad(param: str, message: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param}: {message}", param=param)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", f"must be an integer >= 1, got {self.n!r}")
-        if self.n > 128:
-            raise bad("n", f"must be <= 128, got {self.n}")
-        if not _is_number(self.temperature) or self.temperature < 0.0:
-            raise bad("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and not isinstance(self.top_k, int):
-            raise bad("top_k", f"must be an integer, got {self.top_k!r}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        temperature = _float32(self.temperature)
+        if temperature is None or not temperature >= 0.0:
+            raise bad("temperature", f"must be a finite number >= 0 (in float32), got "
+                      f"{self.temperature!r}")
+        top_p = _float32(self.top_p)
+        if top_p is None or not (0.0 < self.top_p <= 1.0 and top_p >= FLOAT32_MIN_NORMAL):
+            raise bad("top_p", f"must be in (0, 1] and at least {FLOAT32_MIN_NORMAL:.3g} (the "
+                      f"smallest normal float32), got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k > INT32_MAX):
+            raise bad("top_k", f"must be an integer <= {INT32_MAX} (<= 0 disables it), got "
+                      f"{self.top_k!r}")
+        if _float32(self.min_p) is None or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+            not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX
         ):
-            raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
+            raise bad("max_tokens",
+                      f"must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        if self.seed is not None and (
+            not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise bad("seed", f"must be a 64-bit integer in [{SEED_MIN}, {SEED_MAX}], got "
+                      f"{self.seed!r}")
         if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs",
                       f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
@@ -79,13 +97,25 @@ class SamplingParams:
             if not isinstance(s, str) or s == "":
                 raise bad("stop", "stop strings must be non-empty strings")
         for t in self.stop_token_ids or []:
-            if not isinstance(t, int) or t < 0:
-                raise bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
+            if not _is_int(t) or not 0 <= t <= INT32_MAX:
+                raise bad("stop_token_ids", f"must be integers in [0, {INT32_MAX}], got {t!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _float32(x: object) -> Optional[float]:
+    """`x` rounded to float32 as the sampler will see it, or None when `x` is not a real
+    number or is not finite there (NaN, inf, or beyond float32's range)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        value: float = struct.unpack("f", struct.pack("f", float(x)))[0]
+    except OverflowError:  # |x| > float32 max, including ints too large for a double
+        return None
+    return value if math.isfinite(value) else None

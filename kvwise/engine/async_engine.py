@@ -20,8 +20,11 @@ Invariants:
 - An admitted request leaves `_admitted` when its last output or an error is delivered, or when
   its stream is closed or garbage-collected unclosed (then it is also aborted), whichever is
   first; so a client that never reads cannot hold a queue slot.
-- An exception in `engine.step()` fails the requests that were live (they get `EngineStepError`
-  and are aborted); the loop keeps serving.
+- A request the engine finished with finish_reason "error" (its own sampling failed; the engine
+  contains that to the request) gets `EngineStepError` with the engine's message; the other
+  requests of the step are untouched.
+- Only an exception out of `engine.step()` itself (the model forward: nothing per-request) fails
+  every live request (they get `EngineStepError` and are aborted); the loop keeps serving.
 """
 
 from __future__ import annotations
@@ -342,14 +345,20 @@ class AsyncEngine:
             return False
         finally:
             self.step_started = None
-        batch = []
+        batch: list[tuple[str, asyncio.Queue, object]] = []
         for out in outputs:
             live = self._live.get(out.request_id)
             if live is None:
                 continue  # aborted while the step ran
-            if out.finished:
+            item: object = None
+            if out.finished:  # a request failed by the engine is finished (siblings aborted)
                 del self._live[out.request_id]
-            batch.append((out.request_id, live.queue, self._snapshot(out, live)))
+                failed = [c for c in out.outputs if c.finish_reason == "error"]
+                if failed:
+                    item = EngineStepError(f"internal engine error: {failed[0].stop_reason}")
+            if item is None:
+                item = self._snapshot(out, live)
+            batch.append((out.request_id, live.queue, item))
         if batch:
             self._deliver(batch)
         return True

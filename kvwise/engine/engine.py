@@ -7,10 +7,16 @@ Invariants:
 - A bad request raises InvalidRequestError in add_request and leaves the engine untouched.
 - Every request that leaves the scheduler (finished, aborted) has its blocks freed at once.
 - A user request with n > 1 becomes n sibling sequences "<id>#<i>" sharing one RequestMetrics.
+- One request never fails another: if sampling or appending a token raises for one request,
+  that request finishes with finish_reason "error" (the message in `stop_reason`), its siblings
+  are aborted, and every other request in the step gets exactly the token it would have got
+  (the step's random numbers are drawn once, before any row can fail). Only a failure outside
+  the per-request part (the model forward) leaves `step()` as an exception.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,13 +32,14 @@ from kvwise.engine.model_setup import build_model
 from kvwise.engine.runner import ModelRunner
 from kvwise.errors import ConfigError, InvalidRequestError
 from kvwise.model.detokenizer import IncrementalDetokenizer, find_stop
-from kvwise.model.sampler import make_generator, sample
+from kvwise.model.sampler import SamplerOutput, draw_uniforms, make_generator, sample
 from kvwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvwise.request import Request, RequestStatus
 from kvwise.sampling_params import SamplingParams
 from kvwise.scheduler.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -221,13 +228,40 @@ class LLMEngine:
         if not inputs.sampling_rows:
             return []
         reqs = [plan.scheduled[i].request for i in inputs.sampling_rows]
-        out = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        params, gens = [r.params for r in reqs], [r.generator for r in reqs]
+        uniforms = draw_uniforms(params, gens, logits.device)  # once: a retry reuses them
+        out: Optional[SamplerOutput] = None
+        try:
+            out = sample(logits, params, gens, uniforms)
+        except Exception:  # some row cannot be sampled: sample row by row, fail only that one
+            logger.warning("sampling %d rows failed; sampling them one by one", len(reqs),
+                           exc_info=True)
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         for j, req in enumerate(reqs):
-            self._append(req, out.token_ids[j], out.logprobs[j], out.sampled_logprob[j], now)
+            if req.finished:  # aborted in this loop because a sibling failed
+                continue
+            try:
+                row = out if out is not None else _sample_row(logits, j, params, gens, uniforms)
+                k = j if out is not None else 0
+                self._append(req, row.token_ids[k], row.logprobs[k], row.sampled_logprob[k],
+                             now)
+            except Exception as e:
+                self._fail_request(req, e)
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(pid, g, now) for pid, g in touched.items()]
+
+    def _fail_request(self, req: Request, error: Exception) -> None:
+        """Finish `req` with finish_reason "error" and abort its siblings (call from `except`)."""
+        message = f"request {req.parent_id!r} failed in the engine step: {error!r}"
+        logger.exception("%s; the other requests of the step go on", message)
+        for child in self.groups[req.parent_id].children:
+            if child.finished:
+                continue
+            self.scheduler.remove(child)
+            child.status = RequestStatus.FINISHED
+            child.finish_reason = "error" if child is req else "abort"
+            child.stop_reason = message if child is req else None
 
     def _append(self, req: Request, token: int, logprobs: Any, token_logprob: Optional[float],
                 now: float) -> None:
@@ -297,6 +331,15 @@ class LLMEngine:
                 >= req.num_computed_tokens, req.request_id
         for req in self.scheduler.waiting:
             assert req.request_id not in live, req.request_id
+
+
+def _sample_row(logits: torch.Tensor, j: int, params: list[SamplingParams],
+                gens: list[Optional[torch.Generator]], uniforms: Optional[torch.Tensor]
+                ) -> SamplerOutput:
+    """Row j of the step sampled alone, with the step's own random number: the token is the one
+    the batch would have given it (the sampler is row-wise), and no generator moves again."""
+    u = None if uniforms is None else uniforms[j:j + 1]  # [1]
+    return sample(logits[j:j + 1], [params[j]], [gens[j]], u)
 
 
 def _visible_text(req: Request) -> str:

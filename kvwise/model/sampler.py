@@ -16,6 +16,12 @@ Invariants:
 - A row with a generator draws exactly one number per step from that generator and nothing
   from anywhere else, and all its arithmetic is row-wise: its token depends on its logits, its
   params and its generator state alone, not on batch composition or order.
+- Whatever the floats in params (validated or not: a top_p of 0, a min_p above 1, NaN
+  logits), no index leaves its range: a filter keeps at least one token, and a row with no
+  finite weight to draw from raises ValueError instead of returning an out-of-vocabulary id.
+- Drawing the uniforms is separable (`draw_uniforms`): the engine draws a step's numbers once and
+  can re-run `sample` row by row with the same numbers, so isolating one failing row never
+  changes another row's token or generator state.
 - Logprobs and `sampled_logprob` are the model's raw distribution, log_softmax of the
   unmodified logits (not of the temperature-scaled or filtered ones). Ranks order tokens by
   (logit desc, id asc), so the greedy token has rank 1.
@@ -66,16 +72,34 @@ def make_generator(
     return gen
 
 
+def draw_uniforms(
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    device: str | torch.device,
+) -> torch.Tensor | None:
+    """The step's random numbers [B]: one U[0, 1) per sampling row, from its generator (or the
+    global RNG when None); greedy rows get 0 and draw nothing. None for an all-greedy batch."""
+    sampled_rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPS]
+    if not sampled_rows:
+        return None
+    u = torch.zeros(len(params), device=device)  # [B]
+    u[torch.tensor(sampled_rows, device=device)] = _uniforms(
+        [generators[i] for i in sampled_rows], torch.device(device))
+    return u
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    uniforms: torch.Tensor | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` [B, V] (fp32, any device).
 
-    Row i uses `params[i]` and `generators[i]` (None = the global RNG). An all-greedy batch
-    is a single argmax with no per-row tensor work. Logprobs are log_softmax of the raw,
-    unmodified logits (the model's distribution), whatever the sampling parameters.
+    Row i uses `params[i]` and `generators[i]` (None = the global RNG), or, when `uniforms` [B]
+    from `draw_uniforms` is given, its number `uniforms[i]` and no generator at all. An
+    all-greedy batch is a single argmax with no per-row tensor work. Logprobs are log_softmax of
+    the raw, unmodified logits (the model's distribution), whatever the sampling parameters.
     """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
     num_rows = logits.shape[0]
@@ -86,7 +110,7 @@ def sample(
     if not sampled_rows:
         token_ids = logits.argmax(dim=-1)  # [B]; torch returns the first maximal index
     elif len(sampled_rows) == num_rows:
-        token_ids = _sample_rows(logits, params, generators)  # [B]
+        token_ids = _sample_rows(logits, params, generators, uniforms)  # [B]
     else:
         greedy_rows = [i for i, p in enumerate(params) if p.temperature < GREEDY_EPS]
         token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)  # [B]
@@ -97,6 +121,7 @@ def sample(
             logits[sampled_idx],
             [params[i] for i in sampled_rows],
             [generators[i] for i in sampled_rows],
+            None if uniforms is None else uniforms[sampled_idx],
         )
 
     logprobs: list[dict[int, Logprob] | None] = [None] * num_rows
@@ -120,14 +145,17 @@ def _sample_rows(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then one draw per row. Returns [R] long."""
+    """Temperature, top-k, top-p, min-p, then one draw per row (with `uniforms` [R] if given).
+    Returns [R] long."""
     temps = torch.tensor([p.temperature for p in params], device=logits.device)  # [R]
     x = logits / temps[:, None]  # [R, V] fresh tensor; everything below edits it in place
     _apply_top_k(x, [p.top_k for p in params])
     _apply_top_p(x, [p.top_p for p in params])
     _apply_min_p(x, [p.min_p for p in params])
-    return _draw(x, generators)
+    u = _uniforms(generators, x.device) if uniforms is None else uniforms  # [R] in [0, 1)
+    return _draw(x, u)
 
 
 def _apply_top_k(x: torch.Tensor, top_ks: Sequence[int | None]) -> None:
@@ -136,7 +164,7 @@ def _apply_top_k(x: torch.Tensor, top_ks: Sequence[int | None]) -> None:
     if not rows:
         return
     sub = _select(x, rows)  # [R', V]
-    ks = torch.tensor([top_ks[i] for i in rows], device=x.device)  # [R']
+    ks = torch.tensor([top_ks[i] for i in rows], device=x.device).clamp_(min=1)  # [R']
     top_vals = sub.topk(int(ks.max()), dim=-1).values  # [R', kmax] descending
     _mask_below(x, rows, sub, top_vals.gather(1, (ks - 1)[:, None]))
 
@@ -198,8 +226,9 @@ def _nucleus_threshold(
     the nucleus ends inside those C tokens [R] bool."""
     probs = torch.exp(sorted_x - log_norm)  # [R, C] true probabilities (whole-row normaliser)
     mass_before = probs.cumsum(dim=-1) - probs  # [R, C] mass strictly before each token
-    keep = mass_before < ps  # [R, C]; column 0 is always kept (mass 0 < top_p)
-    num_keep = keep.sum(dim=-1, keepdim=True)  # [R, 1] >= 1
+    keep = mass_before < ps  # [R, C]; column 0 is kept (mass 0 < top_p) when top_p > 0
+    # >= 1 even for a top_p of 0 in fp32 (or NaN probabilities): the row's maximum survives
+    num_keep = keep.sum(dim=-1, keepdim=True).clamp_(min=1)  # [R, 1]
     found = (num_keep < sorted_x.shape[1])[:, 0] | (mass_before[:, -1] + probs[:, -1] >= ps[:, 0])
     return sorted_x.gather(1, num_keep - 1), found
 
@@ -213,20 +242,26 @@ def _apply_min_p(x: torch.Tensor, min_ps: Sequence[float]) -> None:
     if not rows:
         return
     sub = _select(x, rows)  # [R', V]
-    log_min_p = torch.tensor([math.log(min_ps[i]) for i in rows], device=x.device)[:, None]
+    # min_p above 1 would mask the maximum too: cap at 1 (keep only the maximum and its ties)
+    log_min_p = torch.tensor([min(math.log(min_ps[i]), 0.0) for i in rows],
+                             device=x.device)[:, None]  # [R', 1]
     _mask_below(x, rows, sub, sub.amax(dim=-1, keepdim=True) + log_min_p)
 
 
-def _draw(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-CDF draw from softmax(x) per row [R, V] (x is consumed). Returns [R] long."""
+def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(x) per row [R, V] (x is consumed) with the uniforms u [R].
+    Returns [R] long; raises ValueError for a row with no finite weight (NaN or all -inf)."""
     weights = x.sub_(x.amax(dim=-1, keepdim=True)).exp_()  # [R, V]; filtered tokens are 0
     cdf = weights.cumsum_(dim=-1)  # [R, V] non-decreasing; flat across zero-weight tokens
     total = cdf[:, -1:]  # [R, 1]
-    u = _uniforms(generators, x.device)[:, None]  # [R, 1] in [0, 1)
     # Keep the target strictly below the total despite rounding, so a token always exceeds it.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     # First index with cdf > target: its weight is cdf[i] - cdf[i-1] > 0, never a masked token.
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    token_ids = torch.searchsorted(cdf, target, right=True)[:, 0]  # [R]
+    if int(token_ids.max()) >= x.shape[1]:  # only when a total is NaN or 0: nothing to draw
+        bad = torch.nonzero(token_ids >= x.shape[1])[:, 0].tolist()
+        raise ValueError(f"sampler: row(s) {bad} have no finite logit to sample from")
+    return token_ids
 
 
 def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:

@@ -115,3 +115,29 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                               timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(top_p=1e-300), "top_p"), (dict(top_p=5e-324), "top_p"),  # 0 in float32
+    (dict(top_p=1e-40), "top_p"),  # a float32 subnormal: flushed to 0 under FTZ
+    (dict(top_p=float("inf")), "top_p"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1e39), "temperature"),  # inf in float32
+    (dict(min_p=float("nan")), "min_p"), (dict(min_p=-1e-300), "min_p"),
+    (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=1.5), "seed"),
+    (dict(top_k=2**31), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=-0.5), "top_k"),
+    (dict(max_tokens=2**31), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(n=True), "n"), (dict(n=129), "n"), (dict(stop_token_ids=[2**40]), "stop_token_ids"),
+    (dict(temperature=10**400), "temperature"), (dict(top_p="0.5"), "top_p"),
+])
+def test_sampling_values_are_judged_in_float32_and_integer_ranges(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(top_p=1e-30), dict(top_p=1), dict(temperature=1e30), dict(temperature=5e-324),
+    dict(seed=-(2**63)), dict(seed=2**64 - 1), dict(top_k=-(2**70)), dict(min_p=5e-324),
+])
+def test_extreme_but_valid_sampling_values_are_accepted(kwargs):
+    SamplingParams(**kwargs)

@@ -293,3 +293,61 @@ def test_sampled_token_is_always_allowed(
         return
     allowed = _reference_allowed(row, params, slack=1e-4)
     assert set(tokens) <= allowed
+
+
+def _unvalidated(**fields: object) -> SamplingParams:
+    """Params past validation: what the sampler must survive even if a caller mutates them."""
+    params = SamplingParams(temperature=1.0)
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 0.0, -1.0, 1e-45])
+def test_top_p_that_is_zero_in_float32_keeps_the_maximum(top_p: float) -> None:
+    """A top_p of 0 in fp32 once made the nucleus empty and gathered index -1."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 5000)  # > TOP_P_TIERS[0]: the tiered search runs
+    params = [_unvalidated(top_p=top_p), SamplingParams(temperature=0.8, top_p=0.9),
+              _unvalidated(top_p=top_p, top_k=7)]
+    out = sample(logits, params, [None] * 3)
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert out.token_ids[2] == int(logits[2].argmax())
+
+
+def test_min_p_above_one_and_huge_top_k_keep_the_maximum() -> None:
+    logits = torch.randn(2, 300)
+    out = sample(logits, [_unvalidated(min_p=5.0), _unvalidated(top_k=10**30)], [None] * 2)
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert 0 <= out.token_ids[1] < 300
+
+
+def test_row_without_a_finite_logit_raises_instead_of_returning_an_invalid_id() -> None:
+    logits = torch.randn(2, 50)
+    logits[1] = float("nan")
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+        sample(logits, [SamplingParams(temperature=1.0)] * 2, [None] * 2)
+
+
+def test_predrawn_uniforms_give_the_generators_tokens_row_by_row() -> None:
+    """draw_uniforms then sample(uniforms=...) equals sample with the generators, batched or
+    one row at a time: what lets the engine retry rows without moving any generator."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 400)
+    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.2, top_p=0.8, seed=2), SamplingParams(temperature=0.7)]
+
+    def gens() -> list[torch.Generator | None]:
+        return [make_generator(p.seed, 0, "cpu") for p in params]
+
+    torch.manual_seed(9)
+    expected = sample(logits, params, gens()).token_ids
+    torch.manual_seed(9)
+    g = gens()
+    u = sampler_mod.draw_uniforms(params, g, "cpu")
+    assert u is not None and float(u[1]) == 0.0
+    batched = sample(logits, params, [None] * 4, u).token_ids
+    rows = [sample(logits[i:i + 1], [params[i]], [None], u[i:i + 1]).token_ids[0]
+            for i in range(4)]
+    assert batched == rows == expected
+    assert sampler_mod.draw_uniforms([SamplingParams(temperature=0.0)], [None], "cpu") is None
