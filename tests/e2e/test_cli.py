@@ -73,3 +73,40 @@ def test_eval_quant_rejects_unknown_dtype():
     assert proc.returncode != 0 and "weight_dtype" in proc.stderr
     proc = kvwise("eval", "quant", "--kv-cache-dtypes", "fp8", *ENGINE)
     assert proc.returncode != 0 and "kv_cache_dtype" in proc.stderr
+
+
+_NO_HEAVY_IMPORTS = """
+import sys
+import kvwise.cli as cli
+from kvwise.config import parse_cli_args
+for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["bench", "latency", "-h"],
+             ["serve", "--help"], ["generate", "--bogus"], ["bench", "latency", "--runs", "x"]):
+    try:
+        parse_cli_args(cli.build_parser(), argv)
+    except SystemExit:
+        pass
+assert cli.main(["generate", "--prompt", "hi", "--weight-dtype", "bogus"]) == 2
+assert cli.main(["serve", "--kv-cache-memory", "lots"]) == 2
+print("HEAVY", sorted(m for m in ("torch", "numba", "transformers", "fastapi", "uvicorn")
+                      if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+    """`kvwise --help` and bad flags must answer at once: building the parser, --help of every
+    command and a bad engine flag load no torch / numba / transformers / fastapi (a property,
+    not a timing)."""
+    proc = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []", proc.stdout[-2000:]
+    assert "weight_dtype" in proc.stderr and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_bench_attention_flags_are_parsed_by_its_own_parser():
+    """`bench attention` is declared as a stub (its flags live beside its torch code); its real
+    parser answers --help and rejects a bad flag."""
+    ok = kvwise("bench", "attention", "--help")
+    assert ok.returncode == 0 and "--shared-lens" in ok.stdout, ok.stderr
+    bad = kvwise("bench", "attention", "--no-such-flag")
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
