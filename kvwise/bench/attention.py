@@ -4,7 +4,8 @@ One layer's decode attention for `--num-requests` requests (SmolLM2-135M shapes:
 3 KV heads, head dim 64, block 16, fp32) in two cases per length n:
 - shared_<n>: all requests share an n-token prefix (whole chunks) + `--private-len` own tokens;
 - distinct_<n>: the same context lengths with nothing shared.
-Each backend (two_phase, paged, reference) runs on the same caches, block tables and queries;
+Each backend (two_phase, paged, reference) runs on the same caches, block tables and queries,
+for each KV format of `--kv-cache-dtypes` (the same rows stored as that format);
 the metric is microseconds per call (one layer; a model step calls it once per layer).
 
 Invariants:
@@ -26,12 +27,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from kvwise.attention import AttentionMetadata, available_backends, get_backend
 from kvwise.bench import report
+from kvwise.cache.kv_store import LayerKV, available_formats, make_kv_store
 
 BENCH = "attention"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16  # SmolLM2-135M
@@ -64,6 +67,25 @@ def _backends(value: str) -> list[str]:
     return names
 
 
+def _formats(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in available_formats()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown KV format(s) {unknown}; choose from {', '.join(available_formats())}")
+    return names
+
+
+def layer_store(fmt: str, k_rows: torch.Tensor, v_rows: torch.Tensor) -> LayerKV:
+    """Layer 0 of a one-layer `fmt` store holding these [N*S, K, D] rows (as the engine would
+    have written them: rounded or quantized by the format)."""
+    shape = SimpleNamespace(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM)
+    store = make_kv_store(fmt, shape, k_rows.shape[0] // BLOCK_SIZE, BLOCK_SIZE, torch.float32,
+                          k_rows.device)
+    store.write(0, torch.arange(k_rows.shape[0], device=k_rows.device), k_rows, v_rows)
+    return store.layer(0)
+
+
 def add_attention_bench_parser(kinds: Any) -> None:
     p = kinds.add_parser("attention", help="decode attention kernel: two_phase vs paged vs "
                                            "reference with and without a shared prefix")
@@ -77,6 +99,9 @@ def add_attention_bench_parser(kinds: Any) -> None:
                    help="comma list of attention backends")
     p.add_argument("--runs", type=int, default=7, help="measured calls per configuration")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured calls before them")
+    p.add_argument("--kv-cache-dtypes", type=_formats, default=["float32"],
+                   help="comma list of KV formats the caches are stored in (each backend runs "
+                        "on each; lines of a non-float32 format carry a -kv<format> suffix)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-md", default="BENCHMARKS.md",
@@ -133,36 +158,41 @@ def _time_us(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def measure_case(case: Case, backends: list[str], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 runs: int, warmup: int, seed: int) -> tuple[list[report.Result], list[str]]:
+def measure_case(case: Case, backends: list[str], stores: dict[str, LayerKV], runs: int,
+                 warmup: int, seed: int) -> tuple[list[report.Result], list[str]]:
     """Time every backend on one case; -> results and notes (errors, prepare cost).
 
     The fast backends' calls are interleaved (run i of each, then run i + 1), so drifting load
     on a shared machine hits them alike; the reference is timed after them.
     """
-    device = k_cache.device
+    device = next(iter(stores.values())).store.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(len(case.tables), NUM_HEADS, HEAD_DIM, generator=gen).to(device)  # [B, H, D]
     scale = HEAD_DIM ** -0.5
-    expect = get_backend("reference").forward(
-        q, k_cache, v_cache, decode_metadata(case.tables, case.ctx_lens, device), scale)
-    notes, calls = [], []
-    for name in backends:
-        backend = get_backend(name)
-        meta = decode_metadata(case.tables, case.ctx_lens, device)
-        if getattr(backend, "prepare", None) is not None:
-            notes.append(_prepare_note(name, case, meta))
-            meta.backend_data = backend.prepare(meta)
-        out = backend.forward(q, k_cache, v_cache, meta, scale)
-        if name != "reference":
-            err = (out - expect).abs().max().item()
-            notes.append(f"{case.name}: {name} max abs error vs reference {err:.1e}")
-        calls.append(functools.partial(backend.forward, q, k_cache, v_cache, meta, scale))
-    values: list[list[float]] = [[] for _ in backends]
+    notes, calls, engines = [], [], []
+    for fmt, kv in stores.items():
+        meta0 = decode_metadata(case.tables, case.ctx_lens, device)
+        expect = get_backend("reference").forward(q, None, None, kv, meta0, scale)
+        suffix = "" if fmt == "float32" else f"-kv{fmt}"
+        for name in backends:
+            backend = get_backend(name)
+            meta = decode_metadata(case.tables, case.ctx_lens, device)
+            if getattr(backend, "prepare", None) is not None:
+                if not suffix:
+                    notes.append(_prepare_note(name, case, meta))
+                meta.backend_data = backend.prepare(meta)
+            out = backend.forward(q, None, None, kv, meta, scale)
+            if name != "reference":
+                err = (out - expect).abs().max().item()
+                notes.append(f"{case.name}: {name}{suffix} max abs error vs reference on the "
+                             f"same stored KV {err:.1e}")
+            calls.append(functools.partial(backend.forward, q, None, None, kv, meta, scale))
+            engines.append(name + suffix)
+    values: list[list[float]] = [[] for _ in engines]
     # the reference (float64, large temporaries) runs on its own: interleaved, its allocations
     # slow down whichever call follows it
-    groups = [[i for i, n in enumerate(backends) if n != "reference"],
-              [i for i, n in enumerate(backends) if n == "reference"]]
+    groups = [[i for i, n in enumerate(engines) if not n.startswith("reference")],
+              [i for i, n in enumerate(engines) if n.startswith("reference")]]
     for group in groups:
         for _ in range(warmup):
             for i in group:
@@ -171,7 +201,7 @@ def measure_case(case: Case, backends: list[str], k_cache: torch.Tensor, v_cache
             for i in group:
                 values[i].append(_time_us(calls[i]))
     results = [report.Result(BENCH, name, f"{case.name}_us", tuple(v))
-               for name, v in zip(backends, values)]
+               for name, v in zip(engines, values)]
     return results, notes
 
 
@@ -211,20 +241,25 @@ def run_attention_bench(args: argparse.Namespace) -> int:
                                     args.distinct, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     shape = (num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, generator=gen)  # [N*S, K, D]
-    v_cache = torch.randn(shape, generator=gen)  # [N*S, K, D]
+    k_rows = torch.randn(shape, generator=gen)  # [N*S, K, D]
+    v_rows = torch.randn(shape, generator=gen)  # [N*S, K, D]
+    stores = {fmt: layer_store(fmt, k_rows, v_rows) for fmt in args.kv_cache_dtypes}
     print(f"[bench] attention: {args.num_requests} requests, {threads} threads, "
-          f"backends={','.join(args.backends)}", file=sys.stderr, flush=True)
+          f"backends={','.join(args.backends)}, kv formats={','.join(args.kv_cache_dtypes)}",
+          file=sys.stderr, flush=True)
     results: list[report.Result] = []
     notes: list[str] = []
     for case in cases:
-        res, case_notes = measure_case(case, args.backends, k_cache, v_cache, args.runs,
-                                       args.warmup, args.seed)
+        res, case_notes = measure_case(case, args.backends, stores, args.runs, args.warmup,
+                                       args.seed)
         for r in res:
             print(r.line(), flush=True)
         results += res
         notes += case_notes
     lines = speedup_lines(results, "two_phase", "paged")
+    for fmt in args.kv_cache_dtypes:
+        if fmt != "float32" and "paged" in args.backends:
+            lines += speedup_lines(results, f"paged-kv{fmt}", "paged")
     for line in lines:
         print(line, flush=True)
     for note in notes:
@@ -236,8 +271,9 @@ def run_attention_bench(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace, results: list[report.Result], threads: int,
              notes: list[str]) -> None:
     workload = (f"decode attention of one layer, {args.num_requests} requests, H=9 K=3 D=64 "
-                f"S=16 fp32; shared_n: an n-token shared prefix + {args.private_len} own tokens "
-                f"each; distinct_n: same lengths, nothing shared; microseconds per call")
+                f"S=16, fp32 math over KV stored as {','.join(args.kv_cache_dtypes)}; "
+                f"shared_n: an n-token shared prefix + {args.private_len} own tokens each; "
+                f"distinct_n: same lengths, nothing shared; microseconds per call")
     report.publish(BENCH, args, results,
                    title=f"kvwise bench attention: {args.num_requests} decode requests, one layer",
                    workload=workload, threads=threads, notes=notes, log_scale=True,

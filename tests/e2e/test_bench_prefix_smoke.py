@@ -27,10 +27,10 @@ def test_attention_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str
     md, png, out = _files(tmp_path, "attention")
     lines = _run(capsys, ["attention", "--num-requests", "4", "--shared-lens", "32",
                           "--private-len", "8", "--runs", "1", "--warmup", "0",
-                          "--threads", "1", *out])
+                          "--kv-cache-dtypes", "float32,int8", "--threads", "1", *out])
     results = {(x["engine"], x["metric"]) for x in lines if x["kind"] == "attention"}
-    assert results == {(e, m) for e in ("two_phase", "paged", "reference")
-                       for m in ("shared_32_us", "distinct_32_us")}
+    assert results == {(e + kv, m) for e in ("two_phase", "paged", "reference")
+                       for kv in ("", "-kvint8") for m in ("shared_32_us", "distinct_32_us")}
     ratio = next(x for x in lines if x["kind"] == "ratio")
     assert ratio["pair"] == "two_phase/paged" and float(ratio["shared_32"]) > 0
     assert "<!-- kvwise-bench:attention -->" in md.read_text()

@@ -17,7 +17,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
 
 
 @pytest.fixture(scope="module", params=[("int4", "auto", "none"), ("int8", "auto", "none"),
-                                        ("int4", "float16", "none"), ("int4", "auto", "int8")],
+                                        ("int4", "float16", "none"), ("int4", "auto", "int8"),
+                                        ("int4", "int8", "none")],
                 ids=lambda p: "-".join(p))
 def llm(request):
     weight_dtype, kv_cache_dtype, activation_quant = request.param
