@@ -3,6 +3,8 @@
 Invariants:
 - Bad user input raises an `InvalidRequestError` naming the offending field in `param`;
   the engine state is untouched when it is raised.
+- A refused export/import raises a `TransferError` naming what differs in `field`; neither
+  engine is changed when it is raised.
 - Internal invariants use `assert`, never these classes.
 """
 
@@ -43,3 +45,15 @@ class WeightLoadError(KvwiseError, RuntimeError):
 
 class OutOfBlocksError(KvwiseError, RuntimeError):
     """A request can never fit in the KV block pool, even running alone."""
+
+
+class TransferError(KvwiseError, ValueError):
+    """A request cannot leave or enter an engine (export/import): unknown or unexportable
+    request, unreadable bytes, or data from an incompatible engine. `field` names what differs
+    (e.g. "kv_format", "model", "block_size", "kv_blocks"); the engine is unchanged (an export
+    past a held request's lease finds that request expired, as the next step would have)."""
+
+    def __init__(self, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field

@@ -8,6 +8,9 @@ Invariants:
 - 0 <= num_computed_tokens <= num_tokens; computed == tokens - 1 after a decode step (the newest
   sampled token has no KV yet).
 - `all_token_ids` == prompt_token_ids + output_token_ids.
+- A HELD request ("held for send", `hold_after_prefill`) has sampled at least one token, keeps
+  its blocks, is never scheduled, and has a `lease_deadline`; it leaves the engine by export or
+  is aborted when the lease passes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from kvwise.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"  # prefilled, waiting for its export (see LLMEngine.export_request)
     FINISHED = "finished"
 
 
@@ -49,6 +53,9 @@ class Request:
     text: str = ""
     logprobs: Optional[list[dict[int, Logprob]]] = None
     cumulative_logprob: Optional[float] = None  # summed only when params.logprobs is set
+    hold_after_prefill: bool = False  # stop after the first sampled token, wait for export
+    lease_s: Optional[float] = None  # how long a held request waits for its export
+    lease_deadline: Optional[float] = None  # engine clock time; set when it becomes HELD
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -9,6 +9,10 @@ Owns each request's block table (append-only list of block ids), the `BlockPool`
 3. `commit` after a step turns every newly full block into a chunk of the tree.
 4. `free` drops the request's references tail-first; chunks nobody references stay cached
    (evictable, LRU), other blocks go back to the free queue.
+A request imported from another engine (its KV bytes arrive with it) skips step 1:
+`import_request` gives it fresh private blocks for its computed tokens; the engine writes their
+bytes and then `commit`s, which turns the full ones into chunks (or adopts cached duplicates)
+exactly as after a step.
 
 Duplicate rule (two requests computed the same chunk, or a fully cached prompt recomputed its
 last chunk): when a newly full block's hash is already in the tree under another block X, the
@@ -172,6 +176,29 @@ class KVManager:
         self.prefix_hit_tokens += num_hit_tokens
         self._update_peak()
         return num_hit_tokens
+
+    def can_import(self, num_tokens: int) -> bool:
+        """Whether `import_request` of a request with `num_tokens` computed tokens fits now."""
+        return -(-num_tokens // self.block_size) <= self.num_available_blocks()
+
+    def import_request(
+        self, req_id: str, num_tokens: int, cache_salt: Optional[str] = None
+    ) -> list[int]:
+        """Register a request arriving with KV for its first `num_tokens` tokens: a table of
+        fresh private blocks covering them (no prefix match; free blocks first, then LRU
+        eviction), returned in table order. The caller writes their bytes, then calls `commit`
+        (or `free` if the write failed). Full blocks arrive sealed (exported after their seal,
+        like prefix-hit blocks), so `commit` does not seal them again. Raises `OutOfBlocksError`
+        and changes nothing when they do not fit."""
+        assert req_id not in self._requests, f"request {req_id!r} already started"
+        if not self.can_import(num_tokens):
+            raise OutOfBlocksError(
+                f"request {req_id!r} needs {-(-num_tokens // self.block_size)} blocks for "
+                f"{num_tokens} imported tokens; {self.pool.num_free_blocks} free + "
+                f"{self.tree.num_evictable} evictable"
+            )
+        self._requests[req_id] = _RequestBlocks(cache_salt)
+        return self.allocate(req_id, num_tokens)
 
     def allocate(self, req_id: str, num_tokens: int) -> list[int]:
         """Grow the table to cover `num_tokens` slots; return the new block ids in table order.

@@ -7,6 +7,12 @@ Invariants:
 - A bad request raises InvalidRequestError in add_request and leaves the engine untouched.
 - Every request that leaves the scheduler (finished, aborted) has its blocks freed at once.
 - A user request with n > 1 becomes n sibling sequences "<id>#<i>" sharing one RequestMetrics.
+- Requests leave and enter between steps (`export_request` / `import_request`, plain data from
+  kvwise.engine.transfer): an export removes the request and frees its blocks; a refused import
+  raises TransferError and changes nothing; a HELD request is aborted, its blocks freed, at the
+  first step (or export) after its lease deadline on `self.clock`.
+- No process-wide RNG state: unseeded sampling draws from the engine's own generator (seeded
+  from `config.seed`), so two engines in one process do not disturb each other.
 - One request never fails another: if sampling or appending a token raises for one request,
   that request finishes with finish_reason "error" (the message in `stop_reason`), its siblings
   are aborted, and every other request in the step gets exactly the token it would have got
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -28,9 +34,11 @@ from kvwise.attention import get_backend
 from kvwise.cache.kv_manager import KVManager
 from kvwise.cache.kv_store import KVStore, bytes_per_block
 from kvwise.config import EngineConfig
+from kvwise.engine import transfer
 from kvwise.engine.model_setup import build_model
 from kvwise.engine.runner import ModelRunner
-from kvwise.errors import ConfigError, InvalidRequestError
+from kvwise.engine.transfer import RequestExport
+from kvwise.errors import ConfigError, InvalidRequestError, TransferError
 from kvwise.model.detokenizer import IncrementalDetokenizer, find_stop
 from kvwise.model.sampler import SamplerOutput, draw_uniforms, make_generator, sample
 from kvwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -39,6 +47,7 @@ from kvwise.sampling_params import SamplingParams
 from kvwise.scheduler.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_LEASE_S = 30.0  # how long a request held for send waits for its export
 logger = logging.getLogger(__name__)
 
 
@@ -53,14 +62,20 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` times the leases of held requests (tests inject a fake one)."""
         self.config = config
+        self.clock = clock
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available", "device")
+        # Unseeded requests draw from this, not from torch's global RNG (which another engine
+        # in the process, or the caller, would move); seeded ones have their own generator.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
         dtype = _DTYPES[config.dtype]
         self.model, self.tokenizer, self.model_config, self.model_source = build_model(
             config, dtype, self.device)
@@ -92,24 +107,42 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
+        self.num_expired_leases = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]],
                     params: SamplingParams, *, arrival_time: Optional[float] = None,
-                    cache_salt: Optional[str] = None) -> None:
+                    cache_salt: Optional[str] = None, hold_after_prefill: bool = False,
+                    lease_s: float = DEFAULT_LEASE_S) -> None:
+        """Queue a request. With `hold_after_prefill` ("held for send", e.g. a prefill worker
+        of disaggregated serving) it stops after its first sampled token and keeps its blocks
+        until `export_request` takes it or `lease_s` seconds pass (then it is aborted); one that
+        finishes with its first token (max_tokens=1, EOS) just finishes. This is
+        an argument here, not a SamplingParams field: it says where the request decodes, not
+        how its tokens are sampled, and the params travel with the export to the engine that
+        decodes it, which must not hold it again."""
         if request_id in self.groups:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in use",
                                       "request_id")
         params._validate()
+        if hold_after_prefill:
+            if params.n != 1:
+                raise InvalidRequestError(
+                    f"n: a request held for send has one sequence, got n={params.n}", "n")
+            if not (isinstance(lease_s, (int, float)) and 0 < lease_s < float("inf")):
+                raise InvalidRequestError(
+                    f"lease_s: must be a positive number of seconds, got {lease_s!r}", "lease_s")
         text, ids = self._tokenize_prompt(prompt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
         children = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            gen = make_generator(params.seed, i, self.device)
             req = Request(rid, request_id, i, ids, params, metrics, max_tokens,
-                          generator=make_generator(params.seed, i, self.device),
-                          cache_salt=cache_salt)
+                          generator=self.generator if gen is None else gen,
+                          cache_salt=cache_salt, hold_after_prefill=hold_after_prefill,
+                          lease_s=lease_s if hold_after_prefill else None)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
                                                      params.skip_special_tokens)
             children.append(req)
@@ -172,6 +205,141 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.groups)
 
+    # -- requests leave and enter (kvwise.engine.transfer) ----------------------------------
+    def export_request(self, request_id: str) -> RequestExport:
+        """The request as plain data (tokens, counters, sampler and detokenizer state, the bytes
+        of the KV blocks covering its computed tokens); it leaves this engine and its blocks are
+        freed (shared prefix chunks stay cached). Any unfinished request of one sequence can
+        leave between steps: held for send (the usual case), running, or waiting (then without
+        KV). Raises TransferError, changing nothing, for an unknown or finished request or one
+        with n > 1; a held request past its lease is aborted first, as a step would have."""
+        req = self._exportable(request_id)
+        num_blocks = -(-req.num_computed_tokens // self.config.block_size)
+        table = self.kv_manager.block_table(request_id)[:num_blocks] if num_blocks else []
+        export = transfer.snapshot_request(
+            req, self.groups[request_id].prompt, kv_format=self._kv_format_name(),
+            block_size=self.config.block_size, model=self._model_identity(),
+            kv_blocks=self.kv_store.export_blocks(table) if table else {})
+        del self.groups[request_id]
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED
+        return export
+
+    def import_request(self, data: Union[RequestExport, bytes]) -> None:
+        """Continue a request another engine exported (a RequestExport, or its
+        `transfer.to_bytes`): its KV is written into fresh blocks (full ones join the prefix
+        tree) and the next `step()` decodes it, producing the tokens it would have produced
+        where it came from. Raises TransferError naming the field, changing nothing, when the
+        data is malformed, comes from an engine with another KV format, block size or model,
+        its id is in use, or it does not fit (max_model_len, free blocks, max_num_seqs)."""
+        if isinstance(data, RequestExport):
+            transfer.validate(data)
+            export = data
+        else:
+            export = transfer.from_bytes(data)
+        transfer.check_compatible(export, kv_format=self._kv_format_name(),
+                                  block_size=self.config.block_size,
+                                  model=self._model_identity())
+        self._check_import_fits(export)
+        num_computed = export.num_computed_tokens
+        if num_computed:
+            transfer.check_block_tensors(export.kv_blocks,
+                                         self._expected_block_tensors(export.num_blocks))
+        req = transfer.restore_request(export, self.tokenizer, self.device, self.generator,
+                                       RequestMetrics(arrival_time=time.monotonic()))
+        rid = req.request_id
+        if num_computed:
+            if not self.scheduler.can_admit_imported():
+                raise TransferError(f"max_num_seqs: {self.config.max_num_seqs} requests are "
+                                    "running; import again later", "max_num_seqs")
+            if not self.kv_manager.can_import(num_computed):
+                raise TransferError(
+                    f"num_blocks: {export.num_blocks} blocks needed, "
+                    f"{self.kv_manager.num_available_blocks()} free or evictable; import "
+                    "again later", "num_blocks")
+            block_ids = self.kv_manager.import_request(rid, num_computed, req.cache_salt)
+            try:
+                self.kv_store.import_blocks(block_ids, export.kv_blocks)
+            except ValueError as e:
+                self.kv_manager.free(rid)
+                raise TransferError(f"kv_blocks: {e}", "kv_blocks") from None
+            self.kv_manager.commit(rid, req.all_token_ids, num_computed)
+        self.groups[rid] = _Group(export.prompt, list(req.prompt_token_ids), [req], req.metrics)
+        if num_computed:
+            self.scheduler.admit_imported(req)
+        else:
+            self.scheduler.add(req)
+
+    def _exportable(self, request_id: str) -> Request:
+        group = self.groups.get(request_id)
+        if group is None:
+            raise TransferError(f"request_id: no unfinished request {request_id!r} here",
+                                "request_id")
+        if len(group.children) != 1:
+            raise TransferError(f"request_id: {request_id!r} has {len(group.children)} "
+                                "sequences; only a request with n == 1 can be exported",
+                                "request_id")
+        req = group.children[0]
+        if req.status == RequestStatus.HELD and req.lease_deadline is not None \
+                and req.lease_deadline <= self.clock():
+            self._expire(req)
+            raise TransferError(f"lease: request {request_id!r} was held past its lease and "
+                                "has been aborted", "lease")
+        return req
+
+    def _check_import_fits(self, export: RequestExport) -> None:
+        rid = export.request_id
+        if rid in self.groups:
+            raise TransferError(f"request_id: {rid!r} is already in use", "request_id")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in export.prompt_token_ids + export.output_token_ids):
+            raise TransferError(f"token ids: outside the vocabulary [0, {vocab})", "token_ids")
+        total = len(export.prompt_token_ids) + export.max_tokens
+        if total > self.max_model_len:
+            raise TransferError(f"max_model_len: prompt + max_tokens = {total} tokens, this "
+                                f"engine's max_model_len is {self.max_model_len}",
+                                "max_model_len")
+        need = -(-total // self.config.block_size)
+        if need > self.num_blocks:
+            raise TransferError(f"num_blocks: the request may need {need} blocks, the pool has "
+                                f"{self.num_blocks}", "num_blocks")
+
+    def _expected_block_tensors(self, num_blocks: int
+                                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names, shapes and dtypes of what this store's `export_blocks` gives for `num_blocks`
+        blocks, whatever the format: read off its export of one block and of two (block 0; its
+        bytes do not matter), each dimension extrapolated linearly in the block count."""
+        one = self.kv_store.export_blocks([0])
+        two = self.kv_store.export_blocks([0, 0])
+        return {name: (tuple(a + (num_blocks - 1) * (b - a)
+                             for a, b in zip(t.shape, two[name].shape)), t.dtype)
+                for name, t in one.items()}
+
+    def _kv_format_name(self) -> str:
+        """The KV format's name as exports carry it (the format registry's name)."""
+        return self.kv_store.name
+
+    def _model_identity(self) -> dict[str, Any]:
+        return transfer.model_identity(self.model_source, self.model_config, self.config)
+
+    def _tend_held(self) -> None:
+        """Before each step: park requests held for send that have sampled their first token
+        (their lease starts now) and abort held requests whose lease has passed."""
+        sch = self.scheduler
+        if not sch.held and not any(r.hold_after_prefill for r in sch.running):
+            return
+        now = self.clock()
+        for req in [r for r in sch.running if r.hold_after_prefill and r.num_output_tokens]:
+            sch.hold(req)
+            assert req.lease_s is not None
+            req.lease_deadline = now + req.lease_s
+        for req in [r for r in sch.held.values() if r.lease_deadline <= now]:
+            self._expire(req)
+
+    def _expire(self, req: Request) -> None:
+        self.abort_request(req.parent_id)
+        self.num_expired_leases += 1
+
     # -- prefix cache -----------------------------------------------------------------------
     def pin_prefix(self, prompt: Union[str, list[int]], *, cache_salt: Optional[str] = None,
                    only_if_cached: bool = False) -> Optional[int]:
@@ -203,6 +371,7 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._tend_held()
         outputs = self._step()
         if not self.has_unfinished_requests():
             self.model.release_threads()  # idle: the caller gets torch's configured count back
@@ -317,9 +486,14 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_held": len(self.scheduler.held),
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "num_steps": self.num_steps,
+            # the formats the weights were built in (weight_dtype "auto" resolved at load time)
+            "weight_dtype_resolved": self.model.weight_formats.projections,
+            "lm_head_dtype_resolved": self.model.weight_formats.lm_head,
+            "num_expired_leases": self.num_expired_leases,
         }
 
     def check_integrity(self) -> None:
@@ -331,6 +505,12 @@ class LLMEngine:
                 >= req.num_computed_tokens, req.request_id
         for req in self.scheduler.waiting:
             assert req.request_id not in live, req.request_id
+        for rid, req in self.scheduler.held.items():
+            assert req.request_id == rid and rid not in live, rid
+            assert req.status == RequestStatus.HELD and req.lease_deadline is not None, rid
+            assert req.num_output_tokens > 0 and rid in self.groups, rid
+            assert len(self.kv_manager.block_table(rid)) * self.config.block_size \
+                >= req.num_computed_tokens, rid
 
 
 def _sample_row(logits: torch.Tensor, j: int, params: list[SamplingParams],

@@ -10,9 +10,14 @@ uncached chunk is being computed by a running request (an in-flight shared prefi
 requests with one system prompt arriving together) waits until that chunk is committed, so a
 shared prefix is prefilled once.
 
+Requests also leave and enter between steps (export/import, see kvwise.engine.transfer): `hold`
+parks a prefilled request in `held` (blocks kept, never scheduled, never preempted) until the
+engine exports or expires it; `admit_imported` puts a request whose KV the engine has just
+written into `running`, as admission does after a prefix hit, so the next step decodes it.
+
 Invariants:
 - The scheduler touches no tensors; it returns a `StepPlan` and reads back counters.
-- A request is in exactly one of `waiting`, `running`, or neither (finished/aborted).
+- A request is in exactly one of `waiting`, `running`, `held`, or none (finished/aborted/gone).
 - FCFS: a waiting request is never admitted ahead of an earlier one that does not fit.
 """
 
@@ -35,6 +40,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.held: dict[str, Request] = {}  # request id -> HELD request (keeps its blocks)
         self.num_preemptions = 0
 
     # -- queue management -------------------------------------------------------------------
@@ -46,12 +52,34 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
             self.kv.free(request.request_id)
+        elif request.status == RequestStatus.HELD:
+            del self.held[request.request_id]
+            self.kv.free(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
 
+    def hold(self, request: Request) -> None:
+        """Park a running request: it keeps its blocks and counters but is not scheduled (nor
+        preempted) until `remove`d."""
+        self.running.remove(request)
+        request.status = RequestStatus.HELD
+        self.held[request.request_id] = request
+
+    def can_admit_imported(self) -> bool:
+        """Whether a sequence slot is free for `admit_imported` (max_num_seqs)."""
+        return len(self.running) < self.max_num_seqs
+
+    def admit_imported(self, request: Request) -> None:
+        """Run a request whose table already covers its `num_computed_tokens` (its KV was just
+        imported); from here it is scheduled like any running request."""
+        assert self.kv.has_request(request.request_id), request.request_id
+        assert 0 < request.num_computed_tokens < request.num_tokens, request.request_id
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.held)
 
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -147,4 +175,4 @@ class Scheduler:
         for r in self.waiting:
             if r.request_id == request_id:
                 return r
-        return None
+        return self.held.get(request_id)
