@@ -36,7 +36,7 @@ Not thread-safe: only the engine loop calls it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,18 +58,24 @@ class _RequestBlocks:
     block_hashes: list[bytes] = field(default_factory=list)  # one per full computed block
     adopted: dict[int, int] = field(default_factory=dict)  # table position -> adopted chunk
     in_flight: list[bytes] = field(default_factory=list)  # chunk hashes this request computes
+    num_sealed: int = 0  # leading table blocks already full and handed to `on_seal`
 
 
 class KVManager:
     """Block tables and prefix caching over `num_blocks` blocks of `block_size` slots."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+        on_seal: Optional[Callable[[list[int]], None]] = None,
     ) -> None:
+        """`on_seal(block_ids)` is called by `commit` with the blocks of a request that became
+        full (immutable from then on), in table order, once per block and request: the KV
+        format's hook (quantize-on-seal, offload, send). Prefix-hit blocks arrive sealed."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self._on_seal = on_seal
         self.pool = BlockPool(num_blocks)
         self.tree = PrefixTree(block_size)
         self._requests: dict[str, _RequestBlocks] = {}
@@ -163,7 +169,8 @@ class KVManager:
         for node in nodes:
             self._acquire(node.block_id)
         req = self._requests[req_id] = _RequestBlocks(
-            cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes]
+            cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes],
+            num_sealed=len(nodes),
         )
         if self.enable_prefix_caching:
             hashes = iter_chunk_hashes(token_ids, self.block_size, cache_salt,
@@ -197,7 +204,8 @@ class KVManager:
                 f"{num_tokens} imported tokens; {self.pool.num_free_blocks} free + "
                 f"{self.tree.num_evictable} evictable"
             )
-        self._requests[req_id] = _RequestBlocks(cache_salt)
+        self._requests[req_id] = _RequestBlocks(cache_salt,
+                                                num_sealed=num_tokens // self.block_size)
         return self.allocate(req_id, num_tokens)
 
     def allocate(self, req_id: str, num_tokens: int) -> list[int]:
@@ -239,6 +247,11 @@ class KVManager:
             f"request {req_id!r}: {num_computed_tokens} computed tokens exceed its "
             f"{len(req.block_ids)} blocks"
         )
+        num_full = num_computed_tokens // s
+        if num_full > req.num_sealed:
+            if self._on_seal is not None:
+                self._on_seal(req.block_ids[req.num_sealed:num_full])
+            req.num_sealed = num_full
         if not self.enable_prefix_caching:
             return
         parent = req.block_hashes[-1] if req.block_hashes else root_hash(req.cache_salt)

@@ -32,7 +32,7 @@ import torch
 
 from kvwise.attention import get_backend
 from kvwise.cache.kv_manager import KVManager
-from kvwise.cache.kv_store import KVStore, bytes_per_block
+from kvwise.cache.kv_store import format_class, make_kv_store
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
 from kvwise.engine.model_setup import build_model
@@ -85,16 +85,21 @@ class LLMEngine:
             raise ConfigError(
                 f"max_model_len: {self.max_model_len} exceeds the model's context length "
                 f"{mc.max_position_embeddings}", "max_model_len")
-        kv_dtype = _DTYPES[config.resolved_kv_cache_dtype]
-        self.kv_bytes_per_block = bytes_per_block(mc, config.block_size, kv_dtype)
+        try:
+            kv_format = format_class(config.resolved_kv_cache_dtype)
+        except ValueError as e:
+            raise ConfigError(str(e), "kv_cache_dtype") from None
+        self.kv_bytes_per_block = kv_format.block_bytes(mc, config.block_size)
         num_blocks = config.num_blocks or config.kv_cache_bytes // self.kv_bytes_per_block
         if num_blocks < 1:
             raise ConfigError(
                 f"kv_cache_memory: {config.kv_cache_memory} holds no block of "
                 f"{self.kv_bytes_per_block} bytes", "kv_cache_memory")
         self.num_blocks = num_blocks
-        self.kv_store = KVStore(mc, num_blocks, config.block_size, kv_dtype, self.device)
-        self.kv_manager = KVManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_store = make_kv_store(kv_format.name, mc, num_blocks, config.block_size, dtype,
+                                      self.device)
+        self.kv_manager = KVManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                    on_seal=self.kv_store.seal)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         try:

@@ -387,3 +387,24 @@ def test_check_integrity_catches_a_leak() -> None:
     del m._requests["a"]  # a request forgotten without free()
     with pytest.raises(AssertionError, match="ref count"):
         m.check_integrity()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_commit_seals_each_full_block_once(caching: bool) -> None:
+    """The format's `seal` hook sees every block when it fills, once, in table order; prefix
+    hits arrive sealed (their writer sealed them)."""
+    sealed: list[list[int]] = []
+    m = KVManager(num_blocks=8, block_size=4, enable_prefix_caching=caching,
+                  on_seal=sealed.append)
+    tokens = list(range(10))
+    m.start_request("a", tokens)
+    assert m.allocate("a", 10) == [0, 1, 2]
+    m.commit("a", tokens, 6)  # block 0 full
+    m.commit("a", tokens, 10)  # block 1 full, block 2 holds 2 of 4
+    m.commit("a", tokens + [10, 11], 12)  # block 2 full
+    assert sealed == [[0], [1], [2]]
+    hit = m.start_request("b", tokens[:9])
+    assert hit == (8 if caching else 0)
+    m.allocate("b", 9)
+    m.commit("b", tokens[:9], 9)
+    assert sealed == [[0], [1], [2]] + ([] if caching else [[3, 4]])
