@@ -166,6 +166,22 @@ class KVStore:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gather_rows(layer, _block_rows_t(block_ids, self.block_size))
 
+    def copy_rows(self, src_rows: list[int], dst_rows: list[int],
+                  plane: Optional[tuple[int, int]] = None) -> None:
+        """Copy stored rows src_rows[i] -> dst_rows[i] (a compaction plan of the KV manager),
+        in every layer and KV head, or only in `plane` = (layer, KV head). Bytes are copied as
+        stored (no re-quantization). Sources are read before any destination is written."""
+        if not src_rows:
+            return
+        src = torch.tensor(src_rows, dtype=torch.long, device=self.device)
+        dst = torch.tensor(dst_rows, dtype=torch.long, device=self.device)
+        for t in self.tensors().values():
+            if plane is None:
+                t[:, dst] = t[:, src]
+            else:
+                layer, head = plane
+                t[layer, dst, head] = t[layer, src, head]
+
     def seal(self, block_ids: list[int]) -> None:
         """Called by the engine when these blocks became full and immutable (committed): the
         hook for quantize-on-seal, offload and send. The formats here store each row in its

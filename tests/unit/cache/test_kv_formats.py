@@ -123,3 +123,24 @@ def test_export_import_round_trip(fmt):
     other = "int8" if fmt != "int8" else "float32"
     with pytest.raises(ValueError, match="KV import"):
         make_kv_store(other, SHAPE, 6, 4, torch.float32, CPU).import_blocks([0, 1], data)
+
+
+@pytest.mark.parametrize("fmt", available_formats())
+def test_copy_rows_moves_stored_bytes(fmt):
+    """Compaction copies rows as stored, all planes or one (layer, head), sources first."""
+    store = make_kv_store(fmt, SHAPE, 4, 4, torch.float32, CPU)
+    g = torch.Generator().manual_seed(5)
+    store.write(0, torch.arange(16), torch.randn(16, 3, 64, generator=g),
+                torch.randn(16, 3, 64, generator=g))
+    store.write(1, torch.arange(16), torch.randn(16, 3, 64, generator=g),
+                torch.randn(16, 3, 64, generator=g))
+    before = {n: t.clone() for n, t in store.tensors().items()}
+    store.copy_rows([5, 6, 7], [4, 5, 6])  # overlapping: a shift by one row
+    for n, t in store.tensors().items():
+        assert torch.equal(t[:, 4:7], before[n][:, 5:8]), n
+        assert torch.equal(t[:, 7:], before[n][:, 7:]), n
+    store.copy_rows([12], [0], plane=(1, 2))
+    for n, t in store.tensors().items():
+        assert torch.equal(t[1, 0, 2], before[n][1, 12, 2]), n
+        assert torch.equal(t[1, 0, :2], before[n][1, 0, :2]), n
+        assert torch.equal(t[0, 0], before[n][0, 0]), n
