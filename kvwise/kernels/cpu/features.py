@@ -84,7 +84,7 @@ class CpuFeatures:
 class _Target:
     """What numba, ATen, oneDNN and MKL are told for one cap (their own spellings)."""
 
-    numba_cpu: str  # the first LLVM CPU model of the level: every CPU at the level has its features
+    numba_cpu: str  # the level's first LLVM CPU model; set only on hosts above it (isa_level)
     aten: str
     onednn: str
     mkl: str
@@ -98,7 +98,7 @@ _TARGETS: dict[IsaCap, _Target] = {
 
 def parse_isa_cap(value: Optional[str]) -> IsaCap:
     """The cap named by a `KVWISE_CPU_ISA` value; unset or empty means native."""
-    name = (value or "native").strip().lower()
+    name = (value or "").strip().lower() or "native"
     if name not in ISA_CAPS:
         raise ValueError(f"{ENV_VAR}={value!r} is not a CPU ISA cap: use one of "
                          f"{', '.join(ISA_CAPS)} (default native)")

@@ -35,7 +35,7 @@ def _on(feats: CpuFeatures) -> set[str]:
 
 @pytest.mark.parametrize("value, cap", [(None, "native"), ("", "native"), ("native", "native"),
                                         ("avx2", "avx2"), ("AVX512", "avx512"),
-                                        (" avx2 ", "avx2")])
+                                        (" avx2 ", "avx2"), (" ", "native")])
 def test_parse_cap(value, cap):
     assert features.parse_isa_cap(value) == cap
 
