@@ -67,8 +67,10 @@ class LLMEngine:
         """`clock` times the leases of held requests (tests inject a fake one)."""
         self.config = config
         self.clock = clock
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        # torch's thread count is process-wide: this engine keeps its own and the model applies
+        # it to every step it runs (so a second engine in the process does not change it)
+        self.num_threads = config.threads or torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available", "device")
@@ -79,6 +81,7 @@ class LLMEngine:
         dtype = _DTYPES[config.dtype]
         self.model, self.tokenizer, self.model_config, self.model_source = build_model(
             config, dtype, self.device)
+        self.model.set_num_threads(self.num_threads)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:

@@ -22,11 +22,11 @@ Invariants:
   on the same inputs (every output row is computed by one call of the same row-range kernel,
   whichever member runs it) (tests/unit/model/test_fused_decode.py checks exact equality), so greedy
   outputs do not depend on which path a step took.
-- PyTorch runs single-threaded while fused steps run (`__call__` sets it; `release_threads`, called
-  by LlamaModel.forward on the other path, restores the engine's count): torch's OpenMP workers
-  spin after each parallel op and took the cores from the numba kernels (measured: a 7.5 ms step
-  became 11.5 ms next to the sampler's two-thread reductions). The sampler's ops on one row of
-  logits lose nothing on one thread.
+- PyTorch runs single-threaded while fused steps run (`__call__` sets it;
+  `LlamaModel.release_threads`, called on the other path and when the engine goes idle, restores
+  the engine's count): torch's OpenMP workers spin after each parallel op and took the cores from
+  the numba kernels (measured: a 7.5 ms step became 11.5 ms next to the sampler's two-thread
+  reductions). The sampler's ops on one row of logits lose nothing on one thread.
 - The kernels read the layers' own weight buffers (numpy views, no copy); `FusedDecode` is built
   after the model is materialised and never outlives it.
 """
@@ -208,7 +208,6 @@ class FusedDecode:
         self.norm_final = model.norm.detach().numpy()
         self.embed = model.embed.weight.detach().numpy()
         self.num_steps = 0  # steps run fused (tests and stats read it)
-        self.threads = torch.get_num_threads()  # the engine's setting, restored for other steps
         self.workspace = model.layers[0].qkv.workspace
         self.eps = np.float32(cfg.rms_norm_eps)
         self.attn_scale = np.float32(model.scale)
@@ -239,10 +238,6 @@ class FusedDecode:
             return None
         return cls(model, Int4Linear in kinds, isinstance(model.lm_head, Int4Linear),
                    tuple(lists), head)
-
-    def release_threads(self) -> None:
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
 
     @staticmethod
     def applies(meta: AttentionMetadata, backend_name: str, kv: KVStore, num_tokens: int,

@@ -71,6 +71,7 @@ class LlamaModel(nn.Module):
         self.cos: torch.Tensor = torch.empty(0)
         self.sin: torch.Tensor = torch.empty(0)
         self._fused: Optional[FusedDecode] = None
+        self.num_threads = torch.get_num_threads()  # the engine sets its own (set_num_threads)
 
     def enable_fused_decode(self) -> bool:
         """Run qualifying decode steps as one numba call (fused_decode.py); call once the weights
@@ -128,10 +129,15 @@ class LlamaModel(nn.Module):
         k, v = kv.write(i, meta.slot_mapping, k, v)  # as a reader of the store will see them
         return q, k, v
 
+    def set_num_threads(self, n: int) -> None:
+        """The engine's torch thread count, applied by every per-op step (`release_threads`)."""
+        self.num_threads = n
+
     def release_threads(self) -> None:
-        """Give torch back the engine's thread count (the fused decode step runs it on one)."""
-        if self._fused is not None:
-            self._fused.release_threads()
+        """Give torch back the engine's thread count (the fused decode step runs it on one, and
+        another engine in the process may have set its own)."""
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
 
     # -- the step, layer by layer (a runner may drive these itself, e.g. to overlap loads) ----
 

@@ -72,4 +72,31 @@ def test_torch_threads_restored_when_engine_goes_idle(llm):
     """Fused steps run torch on one thread; once nothing is left to run, the engine's count is
     back for the caller's own torch code."""
     _run(llm, PROMPTS[:2])
-    assert torch.get_num_threads() == llm.engine.model._fused.threads == 2
+    assert torch.get_num_threads() == llm.engine.model.num_threads == 2
+
+
+def test_two_engines_keep_their_own_thread_counts(llm):
+    """torch's thread count is process-wide; each engine applies its own to its steps, so a
+    second engine (one thread, fp32: no fused step) does not change the first one's."""
+    other = LLM("smollm2-135m", threads=1, max_model_len=128, kv_cache_memory="16MiB")
+    seen: list[tuple[str, int]] = []
+    for name, engine in (("a", llm.engine), ("b", other.engine)):
+        model = engine.model
+        orig = model.head_step
+
+        def recording(state, idx, _orig=orig, _name=name):
+            seen.append((_name, torch.get_num_threads()))
+            return _orig(state, idx)
+
+        model.head_step = recording
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    try:
+        for _ in range(2):
+            other.generate(PROMPTS[:1], params, use_tqdm=False)
+            llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    finally:
+        del llm.engine.model.head_step
+        del other.engine.model.head_step
+    assert {n for n, t in seen if n == "b" and t != 1} == set()
+    # engine a's per-op steps (its prompts' prefill) run on its own 2 threads
+    assert [t for n, t in seen if n == "a"] and all(t == 2 for n, t in seen if n == "a")
