@@ -2,8 +2,9 @@
 
 Invariants:
 - `EngineConfig` is validated in `__post_init__`; every error names its field.
-- Values discovered at start-up (number of blocks, eos ids, resolved max_model_len) live in the
-  engine's runtime state, never written back here.
+- Values discovered at start-up (number of blocks, eos ids, resolved max_model_len, the weight
+  formats `weight_dtype="auto"` resolves to) live in the engine's runtime state, never written
+  back here.
 - CLI flag `--max-num-seqs` <-> field `max_num_seqs` <-> `LLM(max_num_seqs=...)`: the mapping is
   `ENGINE_FLAGS` below, the single place where flags are declared.
 """
@@ -35,7 +36,10 @@ def parse_bytes(value: Union[int, str]) -> int:
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
-WEIGHT_DTYPES = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
+WEIGHT_FORMATS = ("fp32", "int8", "int4")  # storage of projection weights, see kvwise.model.quant
+# auto: the nearest format that loses nothing of the source (a GGUF's Q4_0/Q4_1 -> int4, Q8_0 ->
+# int8, anything else -> fp32), resolved when the model loads (kvwise.engine.model_setup)
+WEIGHT_DTYPES = ("auto",) + WEIGHT_FORMATS
 # KV formats by name (kvwise.cache.kv_store registry; a test checks the two lists agree)
 KV_CACHE_DTYPES = ("auto",) + DTYPES + ("int8",)
 ACTIVATION_QUANTS = ("none", "int8")  # inputs of the int4 CPU decode kernels
@@ -58,8 +62,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     attention_backend: str = "paged"
-    weight_dtype: str = "fp32"  # decoder projections: fp32 | int8 | int4 (weight-only quant)
-    lm_head_dtype: Optional[str] = None  # None: weight_dtype, but int8 when that is int4
+    weight_dtype: str = "auto"  # decoder projections: auto | fp32 | int8 | int4 (weight-only)
+    lm_head_dtype: Optional[str] = None  # None: the projections' format, but int8 for int4
     kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16 | int8
     activation_quant: str = "none"  # none | int8: int4 layers' CPU decode kernels take int8 inputs
 
@@ -90,9 +94,9 @@ class EngineConfig:
             raise bad("threads", f"must be >= 1, got {self.threads}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise bad("weight_dtype", f"must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        if self.lm_head_dtype is not None and self.lm_head_dtype not in WEIGHT_DTYPES:
+        if self.lm_head_dtype is not None and self.lm_head_dtype not in WEIGHT_FORMATS:
             raise bad("lm_head_dtype",
-                      f"must be one of {WEIGHT_DTYPES}, got {self.lm_head_dtype!r}")
+                      f"must be one of {WEIGHT_FORMATS}, got {self.lm_head_dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype",
                       f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
@@ -100,7 +104,8 @@ class EngineConfig:
             raise bad("activation_quant",
                       f"must be one of {ACTIVATION_QUANTS}, got {self.activation_quant!r}")
         if self.activation_quant != "none":
-            if "int4" not in (self.weight_dtype, self.lm_head_dtype):
+            # with auto the format is known only at load time; model_setup checks it then
+            if not {"int4", "auto"} & {self.weight_dtype, self.lm_head_dtype}:
                 raise bad("activation_quant", f"{self.activation_quant} applies to int4 layers; "
                           f"set weight_dtype=int4 (or lm_head_dtype=int4), got weight_dtype="
                           f"{self.weight_dtype!r}")
@@ -143,9 +148,11 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("enable_chunked_prefill", bool, "split long prompts across steps"),
     ("enable_prefix_caching", bool, "reuse KV of shared prompt prefixes"),
     ("attention_backend", str, "attention implementation: paged | reference | two_phase"),
-    ("weight_dtype", str, "decoder projection weights: fp32 | int8 | int4 (weight-only quant)"),
-    ("lm_head_dtype", str, "LM head weights: fp32 | int8 | int4 (default: --weight-dtype, "
-                           "but int8 for int4)"),
+    ("weight_dtype", str, "decoder projection weights: auto (default: a GGUF's own blocks where "
+                          "a kvwise format holds them exactly, Q4_0/Q4_1 -> int4, Q8_0 -> int8; "
+                          "else fp32) | fp32 | int8 | int4 (weight-only quant)"),
+    ("lm_head_dtype", str, "LM head weights: fp32 | int8 | int4 (default: the projections' "
+                           "format, but int8 for int4)"),
     ("kv_cache_dtype", str, "KV cache format: auto (= --dtype) | float32 | float16 | bfloat16 | "
                             "int8; float16 halves the bytes decode attention reads, int8 "
                             "(per token and KV head, fp16 scales) takes 0.26x of float32 (math "

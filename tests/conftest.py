@@ -44,8 +44,10 @@ def hf_model():
 def llm():
     from kvwise import LLM
 
+    # fp32 weights (not the default auto, which runs the GGUF's Q4_1 blocks as int4): the
+    # engine compared with HF, whose weights are the same blocks dequantized to fp32
     return LLM("smollm2-135m", threads=2, max_model_len=2048, kv_cache_memory="512MiB",
-               max_num_batched_tokens=256)
+               max_num_batched_tokens=256, weight_dtype="fp32")
 
 
 def pydoc_text() -> str:

@@ -21,7 +21,7 @@ def test_generate_json_equals_offline_api(llm, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(prompts[1:]) + "\n")
     proc = kvwise("generate", "--prompt", prompts[0], "--prompts-file", str(f), "--json",
-                  "--max-tokens", "12", *ENGINE)
+                  "--max-tokens", "12", "--weight-dtype", "fp32", *ENGINE)  # as the `llm` fixture
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt_index"] for r in rows] == [0, 1, 2]

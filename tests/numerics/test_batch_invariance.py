@@ -32,7 +32,8 @@ def alone(llm, prompts):
 
 
 def _together(engine_args, prompts):
-    llm = LLM("smollm2-135m", threads=2, max_model_len=512, **engine_args)
+    # fp32 weights, like the session `llm` that computes the "alone" outputs
+    llm = LLM("smollm2-135m", threads=2, max_model_len=512, weight_dtype="fp32", **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     llm.engine.check_integrity()
@@ -59,7 +60,8 @@ def test_prefix_caching_on_equals_alone(prompts, alone):
     shared = prompts[:8] + [p[:20] + q for p, q in zip(prompts[:8], prompts[8:16])]
     got, stats = _together(dict(max_num_batched_tokens=96, num_blocks=40, max_num_seqs=16), shared)
     assert got[:8] == alone[:8]
-    ref = LLM("smollm2-135m", threads=2, max_model_len=512, enable_prefix_caching=False)
+    ref = LLM("smollm2-135m", threads=2, max_model_len=512, enable_prefix_caching=False,
+              weight_dtype="fp32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     expect = [o.outputs[0].token_ids for o in ref.generate(shared, params, use_tqdm=False)]
     assert got == expect
@@ -71,7 +73,8 @@ def test_fp16_kv_cache_batched_preempted_equals_alone(llm, prompts):
     spans, the decode kernel, recompute after preemption) reads the same halves back, so batch
     invariance holds as with the fp32 cache; a block takes half the bytes."""
     sub = prompts[:12]
-    ref = LLM("smollm2-135m", threads=2, max_model_len=512, kv_cache_dtype="float16")
+    ref = LLM("smollm2-135m", threads=2, max_model_len=512, kv_cache_dtype="float16",
+              weight_dtype="fp32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     alone16 = [ref.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in sub]
     # 14 blocks of 16 = 224 slots for 12 requests of up to 162 tokens: preemption is forced

@@ -28,7 +28,7 @@ def _engine_args() -> dict:
 
 @pytest.fixture(scope="module")
 def fp32_llm():
-    return LLM("smollm2-135m", **_engine_args())
+    return LLM("smollm2-135m", weight_dtype="fp32", **_engine_args())
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Weight-only quantization of the decoder's projections (and LM head), chosen by name.
 
 `--weight-dtype fp32 | int8 | int4` (EngineConfig.weight_dtype) sets the decoder projections,
-`--lm-head-dtype` the LM head (default: see `lm_head_dtype`):
-- fp32: DenseLinear (kvwise.model.linear), the default; parity with HF holds only here.
+`--lm-head-dtype` the LM head (default: see `lm_head_dtype`); the default `auto` is resolved to
+one of these formats from the source's block types when the model loads (kvwise.engine.model_setup):
+- fp32: DenseLinear (kvwise.model.linear); parity with HF holds only here.
 - int8: Int8Linear, symmetric per output row (per 32 inputs from GGUF Q8_0/Q4_x blocks).
 - int4: Int4Linear, asymmetric per group (32 from GGUF Q4_0/Q4_1 blocks, else 64).
 
@@ -11,7 +12,7 @@ out_features, optional bias) and is built from "parts" (HF [out, in] float tenso
 blocks) that are fused along rows, like q|k|v and gate|up in LlamaModel.
 
 Invariants:
-- The registry `WEIGHT_DTYPES` is the single list of names; `make_linear` is the only factory.
+- The registry `WEIGHT_FORMATS` is the single list of formats; `make_linear` is the only factory.
 - Embedding tables are not quantized (a gather, not a matmul); the LM head is.
 """
 
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvwise.config import WEIGHT_DTYPES
+from kvwise.config import WEIGHT_FORMATS
 from kvwise.model.linear import DenseLinear
 from kvwise.model.quant.convert import (
     DEFAULT_GROUP_SIZE,
@@ -66,7 +67,7 @@ def make_linear(weight_dtype: str, parts: list[Part], bias: Optional[torch.Tenso
         return Int8Linear(to_int8(parts, int8_group_size(parts)), bias, workspace)
     if weight_dtype == "int4":
         return Int4Linear(to_int4(parts, int4_group_size(parts, group_size)), bias, workspace)
-    raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {WEIGHT_DTYPES}")
+    raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {WEIGHT_FORMATS}")
 
 
 def warmup() -> None:
@@ -76,5 +77,5 @@ def warmup() -> None:
     kernels.warmup()
 
 
-__all__ = ["WEIGHT_DTYPES", "Int4Linear", "Int8Linear", "Workspace", "lm_head_dtype", "make_linear",
-           "warmup"]
+__all__ = ["WEIGHT_FORMATS", "Int4Linear", "Int8Linear", "Workspace", "lm_head_dtype",
+           "make_linear", "warmup"]
