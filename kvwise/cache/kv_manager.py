@@ -14,6 +14,20 @@ A request imported from another engine (its KV bytes arrive with it) skips step 
 bytes and then `commit`s, which turns the full ones into chunks (or adopts cached duplicates)
 exactly as after a step.
 
+Groups (FastGen-style compression, `kv_groups`): a request has 1 group (all L*K planes: dense,
+today's cost) or `num_planes` (one per (layer, KV head)). Until its first `evict` all groups read
+the one table above (no per-plane work); `evict(req, g, slots)` forks it into one table per
+group, `compact(req, g)` packs group g's kept tokens into the fewest blocks and returns a
+`CopyPlan` for the store, handing blocks, or single planes (`BlockPool` split blocks), back.
+
+Composition rule with prefix sharing: a shared chunk (in the prefix tree, maybe referenced by
+other requests) is never mutated or split by one request's eviction. Evicting its tokens in a
+group only drops that group's use (compaction copies the kept ones out); the request keeps its
+one reference while any group lists the chunk (or a deeper chunk of its prefix, so the tree's
+LRU stays leaf-first) and releases it when none does. Chunks computed after a request's first
+eviction are never committed to the tree (their KV saw a compressed context: no other request
+may reuse it) nor sealed (compaction rewrites them); its in-flight claims end at that eviction.
+
 Duplicate rule (two requests computed the same chunk, or a fully cached prompt recomputed its
 last chunk): when a newly full block's hash is already in the tree under another block X, the
 block stays private (never shared, freed to the free queue) and the request *adopts* X: it takes
@@ -22,10 +36,15 @@ parent. The table itself never changes: the running model keeps reading the priv
 
 Invariants (checked by `check_integrity`):
 - every block is exactly one of: free (in the free queue), used (reference count > 0), cached
-  (unreferenced chunk, evictable) or pinned-idle (unreferenced pinned chunk), so
-  free + cached + pinned + used == total (pinned is 0 unless `pin_prefix` is used);
-- a block's reference count equals the number of request tables holding it plus the number of
-  requests adopting it; blocks in one table are distinct; a table only ever grows;
+  (unreferenced chunk, evictable), pinned-idle (unreferenced pinned chunk) or split (planes
+  owned by groups), so free + cached + pinned + used + split == total (pinned is 0 unless
+  `pin_prefix` is used, split 0 unless a many-group request evicts);
+- a block's reference count equals the number of requests whose tables (any group) list it
+  as a dense block, plus the number of requests adopting it, plus the path chunks a forked
+  request still holds unlisted; blocks in one table are distinct; until its first eviction a
+  request's table only grows, and covers exactly ceil(num_tokens / S) blocks;
+- the owned planes of split blocks are exactly the planes that some group of some request
+  lists (group g of a many-group request owns plane g), each listed once;
 - a request's first `len(block_hashes)` blocks are chunks of one root path of the tree (its own
   block, or the adopted chunk at duplicate positions); shared chunks are full and immutable;
 - with prefix caching off the tree stays empty (and nothing is in flight);
@@ -36,11 +55,13 @@ Not thread-safe: only the engine loop calls it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 from kvwise.cache.block_pool import BlockPool
+from kvwise.cache.kv_compaction import CopyPlan
+from kvwise.cache.kv_groups import GroupTables, PoolAccess
 from kvwise.cache.prefix_tree import (
     ChunkNode,
     PrefixTree,
@@ -59,6 +80,10 @@ class _RequestBlocks:
     adopted: dict[int, int] = field(default_factory=dict)  # table position -> adopted chunk
     in_flight: list[bytes] = field(default_factory=list)  # chunk hashes this request computes
     num_sealed: int = 0  # leading table blocks already full and handed to `on_seal`
+    num_groups: int = 1
+    num_tokens: int = 0  # positions the table covers (the largest `allocate`)
+    num_computed: int = 0  # positions with KV (the last `commit`)
+    groups: Optional[GroupTables] = None  # set at the first eviction (then block_ids is empty)
 
 
 class KVManager:
@@ -66,23 +91,27 @@ class KVManager:
 
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-        on_seal: Optional[Callable[[list[int]], None]] = None,
+        on_seal: Optional[Callable[[list[int]], None]] = None, num_planes: int = 1,
     ) -> None:
         """`on_seal(block_ids)` is called by `commit` with the blocks of a request that became
         full (immutable from then on), in table order, once per block and request: the KV
-        format's hook (quantize-on-seal, offload, send). Prefix-hit blocks arrive sealed."""
+        format's hook (quantize-on-seal, offload, send). Prefix-hit blocks arrive sealed.
+        `num_planes` = L*K planes per block; a request may have that many groups."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._on_seal = on_seal
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, num_planes)
+        self._access = PoolAccess(self.pool, block_size, self._take_blocks, self._release,
+                                  self._release_adopted)
         self.tree = PrefixTree(block_size)
         self._requests: dict[str, _RequestBlocks] = {}
         self._num_adopters: dict[int, int] = {}  # block id -> requests adopting it
         # chunk hash -> the running request computing it (uncached full chunks of its tokens)
         self._in_flight: dict[bytes, str] = {}
-        self.peak_blocks_used = 0
+        self.peak_blocks_used = 0  # dense used + split
+        self.peak_planes_used = 0  # planes of dense used blocks + owned planes of split ones
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self.num_evictions = 0
@@ -96,9 +125,54 @@ class KVManager:
     def has_request(self, req_id: str) -> bool:
         return req_id in self._requests
 
+    @property
+    def num_planes(self) -> int:
+        return self.pool.num_planes
+
     def block_table(self, req_id: str) -> list[int]:
-        """A copy of the request's block table (entries never change once assigned)."""
-        return list(self._req(req_id).block_ids)
+        """A copy of a one-group request's block table (entries never change once assigned,
+        until the request's first `evict`)."""
+        req = self._req(req_id)
+        if req.num_groups != 1:
+            raise ValueError(f"request {req_id!r} has {req.num_groups} groups: use block_tables")
+        return list(req.block_ids if req.groups is None else req.groups.tables[0])
+
+    def block_tables(self, req_id: str) -> list[list[int]]:
+        """A copy of each group's block table, `[num_groups][blocks]`."""
+        req = self._req(req_id)
+        if req.groups is None:
+            return [list(req.block_ids) for _ in range(req.num_groups)]
+        return [list(t) for t in req.groups.tables]
+
+    def num_groups(self, req_id: str) -> int:
+        return self._req(req_id).num_groups
+
+    def num_slots(self, req_id: str, group: int) -> int:
+        """Computed slots of the group's table, kept or evicted-not-compacted: the token at
+        position `num_computed + i` goes to slot `num_slots + i`."""
+        req = self._req(req_id, group)
+        return req.num_computed - (req.groups.num_removed[group] if req.groups else 0)
+
+    def num_kept_tokens(self, req_id: str, group: int) -> int:
+        """Computed tokens whose KV the group keeps (== `num_slots` once compacted)."""
+        req = self._req(req_id, group)
+        evicted = len(req.groups.evicted[group]) if req.groups else 0
+        return self.num_slots(req_id, group) - evicted
+
+    def evicted_slots(self, req_id: str, group: int) -> list[int]:
+        """Slots evicted from the group and not yet compacted away, ascending."""
+        req = self._req(req_id, group)
+        return sorted(req.groups.evicted[group]) if req.groups else []
+
+    def num_planes_held(self, req_id: str) -> int:
+        """Planes of the blocks the request's tables list: every plane of a dense block, one
+        per owned plane of a split block (the KV the request really holds, shared or not)."""
+        req = self._req(req_id)
+        if req.groups is None:
+            return len(req.block_ids) * self.num_planes
+        dense = {b for t in req.groups.tables for b in t if not self.pool.is_split(b)}
+        split = sum(1 for t in req.groups.tables for b in t if self.pool.is_split(b))
+        return len(dense) * self.num_planes + split
 
     def match_prefix(self, token_ids: Sequence[int], cache_salt: Optional[str] = None) -> int:
         """Tokens a new request with this prompt would get from the cache (read-only)."""
@@ -129,8 +203,12 @@ class KVManager:
         return self.pool.num_free_blocks + self.tree.num_evictable
 
     def can_allocate(self, req_id: str, num_tokens: int) -> bool:
-        """Whether the table could grow to cover `num_tokens` slots right now."""
-        return self._num_new_blocks(self._req(req_id), num_tokens) <= self.num_available_blocks()
+        """Whether the table(s) could grow to cover `num_tokens` positions right now."""
+        req = self._req(req_id)
+        if req.groups is not None:
+            return req.groups.num_fresh_blocks(self._access, num_tokens) <= \
+                self.num_available_blocks()
+        return self._num_new_blocks(req, num_tokens) <= self.num_available_blocks()
 
     def shared_block_ids(self) -> set[int]:
         """Blocks held by more than one request table (adoptions do not count)."""
@@ -150,7 +228,12 @@ class KVManager:
             "num_blocks_cached": self.tree.num_evictable,
             "num_blocks_pinned": pinned_idle,
             "num_blocks_free": self.pool.num_free_blocks,
+            "num_blocks_split": self.pool.num_split_blocks,
+            "num_planes_per_block": self.num_planes,
+            "num_planes_free": self.pool.num_free_planes,  # free planes of split blocks
+            "num_planes_used": used * self.num_planes + self.pool.num_owned_planes,
             "peak_blocks_used": self.peak_blocks_used,
+            "peak_planes_used": self.peak_planes_used,
             "shared_blocks": shared,
             "private_blocks": used - shared,
             "prefix_query_tokens": self.prefix_query_tokens,
@@ -161,16 +244,25 @@ class KVManager:
     # -- request lifecycle -------------------------------------------------------------------
 
     def start_request(
-        self, req_id: str, token_ids: Sequence[int], cache_salt: Optional[str] = None
+        self, req_id: str, token_ids: Sequence[int], cache_salt: Optional[str] = None,
+        num_groups: int = 1,
     ) -> int:
-        """Register the request, attach its longest cached prefix; return cached tokens."""
+        """Register the request, attach its longest cached prefix; return cached tokens.
+
+        `num_groups`: 1 (dense) or `num_planes` (one group per (layer, KV head), so that its
+        groups can evict different tokens)."""
         assert req_id not in self._requests, f"request {req_id!r} already started"
+        if num_groups not in (1, self.num_planes):
+            raise ValueError(f"num_groups must be 1 or num_planes ({self.num_planes}), "
+                             f"got {num_groups}")
         nodes = self._match(token_ids, cache_salt)
         for node in nodes:
             self._acquire(node.block_id)
+        num_hit_tokens = len(nodes) * self.block_size
         req = self._requests[req_id] = _RequestBlocks(
             cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes],
-            num_sealed=len(nodes),
+            num_sealed=len(nodes), num_groups=num_groups, num_tokens=num_hit_tokens,
+            num_computed=num_hit_tokens,
         )
         if self.enable_prefix_caching:
             hashes = iter_chunk_hashes(token_ids, self.block_size, cache_salt,
@@ -178,7 +270,6 @@ class KVManager:
             for i, block_hash in enumerate(hashes):
                 if i >= len(nodes) and self._in_flight.setdefault(block_hash, req_id) == req_id:
                     req.in_flight.append(block_hash)
-        num_hit_tokens = len(nodes) * self.block_size
         self.prefix_query_tokens += len(token_ids)
         self.prefix_hit_tokens += num_hit_tokens
         self._update_peak()
@@ -209,27 +300,31 @@ class KVManager:
         return self.allocate(req_id, num_tokens)
 
     def allocate(self, req_id: str, num_tokens: int) -> list[int]:
-        """Grow the table to cover `num_tokens` slots; return the new block ids in table order.
+        """Grow the table to cover `num_tokens` slots; return the new block ids in table order
+        (after an eviction: every group's table to `num_tokens` positions; the blocks newly
+        listed by any group, in the order taken).
 
         Takes free blocks first, then evicts LRU cached chunks. Raises `OutOfBlocksError` and
         changes nothing when free + evictable blocks do not suffice.
         """
         req = self._req(req_id)
-        n = self._num_new_blocks(req, num_tokens)
-        if n == 0:
-            return []
+        groups = req.groups
+        n = (self._num_new_blocks(req, num_tokens) if groups is None
+             else groups.num_fresh_blocks(self._access, num_tokens))
         if n > self.num_available_blocks():
             raise OutOfBlocksError(
                 f"request {req_id!r} needs {n} more blocks for {num_tokens} tokens; "
                 f"{self.pool.num_free_blocks} free + {self.tree.num_evictable} evictable"
             )
-        num_from_free = min(n, self.pool.num_free_blocks)
-        new_ids = self.pool.allocate(num_from_free)
-        for _ in range(n - num_from_free):
-            block_id = self.tree.evict_lru()
-            self.pool.incref([block_id])
-            self.num_evictions += 1
-            new_ids.append(block_id)
+        if num_tokens > req.num_tokens:
+            req.num_tokens = num_tokens
+        if groups is not None:  # after an eviction: per group (planes or whole blocks)
+            new_ids = groups.allocate(self._access, num_tokens)
+            self._update_peak()
+            return new_ids
+        if n == 0:
+            return []
+        new_ids = self._take_blocks(n)
         req.block_ids.extend(new_ids)
         self._update_peak()
         return new_ids
@@ -243,10 +338,18 @@ class KVManager:
         req = self._req(req_id)
         s = self.block_size
         assert num_computed_tokens <= len(token_ids), "more computed tokens than tokens"
+        if req.groups is not None:  # after an eviction: never committed nor sealed
+            assert all(num_computed_tokens - r <= len(t) * s for t, r in
+                       zip(req.groups.tables, req.groups.num_removed)), (
+                f"request {req_id!r}: {num_computed_tokens} computed tokens exceed a table"
+            )
+            self._set_computed(req, num_computed_tokens)
+            return
         assert num_computed_tokens <= len(req.block_ids) * s, (
             f"request {req_id!r}: {num_computed_tokens} computed tokens exceed its "
             f"{len(req.block_ids)} blocks"
         )
+        self._set_computed(req, num_computed_tokens)
         num_full = num_computed_tokens // s
         if num_full > req.num_sealed:
             if self._on_seal is not None:
@@ -277,6 +380,9 @@ class KVManager:
         Tail-first, so a prefix's root chunk becomes evictable last and is evicted last.
         """
         req = self._requests.pop(req_id)
+        if req.groups is not None:
+            req.groups.free(self._access)
+            return
         for block_hash in req.in_flight:
             if self._in_flight.get(block_hash) == req_id:
                 del self._in_flight[block_hash]
@@ -284,12 +390,57 @@ class KVManager:
             self._release(req.block_ids[i])
             adopted_id = req.adopted.get(i)
             if adopted_id is not None:
-                count = self._num_adopters[adopted_id] - 1
-                if count:
-                    self._num_adopters[adopted_id] = count
-                else:
-                    del self._num_adopters[adopted_id]
-                self._release(adopted_id)
+                self._release_adopted(adopted_id)
+
+    # -- eviction per group ------------------------------------------------------------------
+
+    def evict(self, req_id: str, group: int, slots: Iterable[int]) -> None:
+        """Drop computed slots of one group (indices into its slots, see `num_slots`); their
+        memory comes back at `compact`. The request's first eviction forks its table into one
+        per group, and from then on it commits nothing to the tree (module docstring). Raises
+        ValueError, changing nothing, for a slot that is not computed or already evicted."""
+        req = self._req(req_id, group)
+        new = set(slots)
+        num_slots = self.num_slots(req_id, group)
+        evicted = req.groups.evicted[group] if req.groups else set()
+        bad = sorted(s for s in new if not 0 <= s < num_slots or s in evicted)
+        if bad:
+            raise ValueError(f"request {req_id!r} group {group}: cannot evict slots {bad[:8]} "
+                             f"(computed slots 0..{num_slots - 1}, {len(evicted)} evicted)")
+        if new:
+            (req.groups or self._fork(req_id, req)).evicted[group] |= new
+
+    def can_compact(self, req_id: str, group: int) -> bool:
+        """Whether `compact` would find the blocks or planes it has to take (only when kept
+        tokens are copied out of shared chunks) right now."""
+        req = self._req(req_id, group)
+        groups = req.groups
+        if groups is None:
+            return True
+        plan = groups.plan(self._access, group, req.num_tokens, req.num_computed)
+        return groups.num_fresh(self._access, group, plan.num_new) <= self.num_available_blocks()
+
+    def compact(self, req_id: str, group: int) -> CopyPlan:
+        """Move the group's kept tokens (order kept) into the fewest blocks and shrink its
+        table; return the row copies for the store to run. Blocks the group no longer lists
+        are freed (one-group request), or their plane is (a private block of a many-group
+        request becomes split; an owned plane is released); shared chunks only lose this
+        group's use. Raises `OutOfBlocksError`, changing nothing, when `can_compact` is False.
+        """
+        req = self._req(req_id, group)
+        groups = req.groups
+        if groups is None or not groups.evicted[group]:
+            plane = None if req.num_groups == 1 else group
+            return CopyPlan(group, plane, [], [], [], self.num_kept_tokens(req_id, group))
+        plan = groups.plan(self._access, group, req.num_tokens, req.num_computed)
+        if groups.num_fresh(self._access, group, plan.num_new) > self.num_available_blocks():
+            raise OutOfBlocksError(
+                f"request {req_id!r} group {group}: compaction needs {plan.num_new} new "
+                f"entries; {self.pool.num_free_blocks} free + {self.tree.num_evictable} evictable"
+            )
+        copy_plan = groups.compact(self._access, group, plan, req.num_computed)
+        self._update_peak()
+        return copy_plan
 
     # -- cache policy ------------------------------------------------------------------------
 
@@ -323,29 +474,62 @@ class KVManager:
         return len(pinned) * self.block_size
 
     def reset_peak(self) -> None:
-        """Restart `peak_blocks_used` from the blocks used now (a benchmark measures one run)."""
-        self.peak_blocks_used = self.pool.num_used_blocks
+        """Restart the peaks from the blocks and planes used now (a benchmark measures one
+        run)."""
+        self.peak_blocks_used = self.peak_planes_used = 0
+        self._update_peak()
 
     def reset_prefix_cache(self) -> bool:
-        """Drop every evictable chunk to the free queue; refuse (False) while any block is used.
+        """Drop every evictable chunk to the free queue; refuse (False) while any block is used
+        or split.
 
         Pinned chunks stay.
         """
-        if self.pool.num_used_blocks > 0:
+        if self.pool.num_used_blocks > 0 or self.pool.num_split_blocks > 0:
             return False
         self.pool.release(self.tree.evict_all())
         return True
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _req(self, req_id: str) -> _RequestBlocks:
+    def _req(self, req_id: str, group: Optional[int] = None) -> _RequestBlocks:
         req = self._requests.get(req_id)
         if req is None:
             raise KeyError(f"unknown request {req_id!r} (not started or already freed)")
+        if group is not None and not 0 <= group < req.num_groups:
+            raise ValueError(f"group {group} out of range for {req.num_groups} groups")
         return req
+
+    @staticmethod
+    def _set_computed(req: _RequestBlocks, num_computed_tokens: int) -> None:
+        req.num_computed = num_computed_tokens
+        if num_computed_tokens > req.num_tokens:  # written within the tail's capacity
+            req.num_tokens = num_computed_tokens
 
     def _num_new_blocks(self, req: _RequestBlocks, num_tokens: int) -> int:
         return max(-(-num_tokens // self.block_size) - len(req.block_ids), 0)
+
+    def _take_blocks(self, n: int) -> list[int]:
+        """`n` blocks with reference count 1: free ones first, then LRU cached chunks."""
+        num_from_free = min(n, self.pool.num_free_blocks)
+        new_ids = self.pool.allocate(num_from_free)
+        for _ in range(n - num_from_free):
+            block_id = self.tree.evict_lru()
+            self.pool.incref([block_id])
+            self.num_evictions += 1
+            new_ids.append(block_id)
+        return new_ids
+
+    def _fork(self, req_id: str, req: _RequestBlocks) -> GroupTables:
+        """The first eviction: one table per group; in-flight claims dropped (never
+        committed now)."""
+        for block_hash in req.in_flight:
+            if self._in_flight.get(block_hash) == req_id:
+                del self._in_flight[block_hash]
+        groups = req.groups = GroupTables.fork(req.block_ids, len(req.block_hashes),
+                                               req.adopted, req.num_groups, self._access)
+        req.in_flight, req.block_ids, req.adopted = [], [], {}
+        return groups
 
     def _match(self, token_ids: Sequence[int], cache_salt: Optional[str]) -> list[ChunkNode]:
         # Cap at len - 1 tokens: the last prompt token is always recomputed to get logits.
@@ -381,8 +565,20 @@ class KVManager:
         elif node.pin_count == 0:
             self.tree.push_evictable(block_id)
 
+    def _release_adopted(self, block_id: int) -> None:
+        count = self._num_adopters[block_id] - 1
+        if count:
+            self._num_adopters[block_id] = count
+        else:
+            del self._num_adopters[block_id]
+        self._release(block_id)
+
     def _update_peak(self) -> None:
-        self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used_blocks)
+        pool = self.pool
+        used = pool.num_used_blocks
+        self.peak_blocks_used = max(self.peak_blocks_used, used + pool.num_split_blocks)
+        self.peak_planes_used = max(self.peak_planes_used,
+                                    used * pool.num_planes + pool.num_owned_planes)
 
     def check_integrity(self) -> None:
         """Raise AssertionError naming the first violated invariant (O(blocks + table sizes))."""
@@ -392,13 +588,29 @@ class KVManager:
         self._check_block_states()
         assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
         assert self.enable_prefix_caching or not self._in_flight, "caching off, chunks in flight"
-        assert self.peak_blocks_used >= self.pool.num_used_blocks, "peak below current use"
+        pool = self.pool
+        assert self.peak_blocks_used >= pool.num_used_blocks + pool.num_split_blocks, (
+            "peak below current use"
+        )
+        assert self.peak_planes_used >= pool.num_used_blocks * pool.num_planes + \
+            pool.num_owned_planes, "plane peak below current use"
 
     def _check_tables(self) -> None:
         """Reference counts match the tables and adoptions; hash chains follow the tree."""
         expected_refs = [0] * self.num_blocks
         adopters: dict[int, int] = {}
+        listed_planes: dict[int, set[int]] = {}  # split block -> planes that groups list
         for req_id, req in self._requests.items():
+            assert req.num_computed <= req.num_tokens, f"{req_id}: computed past allocated"
+            if req.groups is not None:
+                assert not req.block_ids and not req.in_flight, f"{req_id}: stale dense state"
+                req.groups.check_integrity(req_id, self.pool, self.tree, req.block_hashes,
+                                           req.num_tokens, req.num_computed)
+                req.groups.count_holdings(self.pool, expected_refs, adopters, listed_planes)
+                continue
+            assert len(req.block_ids) == -(-req.num_tokens // self.block_size), (
+                f"{req_id}: {len(req.block_ids)} blocks for {req.num_tokens} tokens"
+            )
             assert len(set(req.block_ids)) == len(req.block_ids), f"{req_id}: repeated blocks"
             assert len(req.block_hashes) <= len(req.block_ids), f"{req_id}: hashes past table"
             for b in req.block_ids:
@@ -424,6 +636,11 @@ class KVManager:
                 f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected}"
             )
         assert adopters == self._num_adopters, "adopter counts out of date"
+        for b in range(self.num_blocks):
+            assert self.pool.owned_planes(b) == listed_planes.get(b, set()), (
+                f"block {b}: owned planes {self.pool.owned_planes(b)} != listed "
+                f"{listed_planes.get(b, set())}"
+            )
         for block_hash, owner in self._in_flight.items():
             req = self._requests.get(owner)
             assert req is not None, f"in-flight chunk owned by unknown request {owner!r}"
@@ -431,12 +648,14 @@ class KVManager:
             assert block_hash not in req.block_hashes, f"{owner}: committed chunk in flight"
 
     def _check_block_states(self) -> None:
-        """Each block is exactly one of free, used, cached (evictable) or pinned-idle."""
+        """Each block is exactly one of free, used, cached (evictable), pinned-idle or split."""
         num_pinned_idle = 0
         for b in range(self.num_blocks):
             node = self.tree.node_of_block(b)
             if self.pool.is_free(b):
                 assert node is None, f"free block {b} is still a cached chunk"
+            elif self.pool.is_split(b):
+                assert node is None, f"split block {b} is a cached chunk"
             elif self.pool.ref_count(b) == 0:
                 assert node is not None, f"block {b} is unreferenced, not free and not cached"
                 if node.pin_count:
@@ -451,7 +670,8 @@ class KVManager:
             + self.tree.num_evictable
             + num_pinned_idle
             + self.pool.num_used_blocks
+            + self.pool.num_split_blocks
         )
         assert total == self.num_blocks, (
-            f"free + cached + pinned + used = {total} != {self.num_blocks} blocks"
+            f"free + cached + pinned + used + split = {total} != {self.num_blocks} blocks"
         )
