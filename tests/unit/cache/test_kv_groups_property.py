@@ -268,6 +268,28 @@ class KVGroupsMachine(RuleBasedStateMachine):
             self._evict(req_id, g, set(live[sink:max(len(live) - window, sink)]))
             self._compact(req_id, g)
 
+    @rule(index=st.integers(0, 100), group=st.integers(0, 7), num_evicted=st.integers(1, 8),
+          num_decoded=st.integers(1, 6))
+    def evict_then_decode(self, index: int, group: int, num_evicted: int,
+                          num_decoded: int) -> None:
+        """One group drops its oldest tokens and compacts, then the request decodes (so the
+        groups' tables cross block boundaries at different times and reuse freed planes)."""
+        req_id = self._pick(index)
+        if req_id is None:
+            return
+        req = self.reqs[req_id]
+        g = group % req.num_groups
+        live = [i for i in range(len(req.slot_pos[g])) if i not in req.evicted[g]]
+        self._evict(req_id, g, set(live[:num_evicted]))
+        self._compact(req_id, g)
+        self._step(req_id, len(req.tokens))  # finish the prefill first
+        for i in range(num_decoded):
+            if req.num_computed < len(req.tokens):
+                return
+            req.tokens.append(i % 2)
+            if not self._step(req_id, 1):
+                return
+
     @rule(index=st.integers(0, 100), group=st.integers(0, 7))
     def compact(self, index: int, group: int) -> None:
         req_id = self._pick(index)
@@ -361,8 +383,8 @@ class KVGroupsMachine(RuleBasedStateMachine):
 
 TestKVGroupsStateMachine = KVGroupsMachine.TestCase
 TestKVGroupsStateMachine.settings = settings(
-    max_examples=80,
-    stateful_step_count=40,
+    max_examples=100,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
