@@ -111,9 +111,6 @@ class GroupTables:
     def num_groups(self) -> int:
         return len(self.tables)
 
-    def num_slots(self, group: int, num_computed: int) -> int:
-        return num_computed - self.num_removed[group]
-
     # -- growth ----------------------------------------------------------------------------
 
     def num_fresh(self, access: PoolAccess, group: int, n: int) -> int:
@@ -159,19 +156,19 @@ class GroupTables:
         """Carry out `plan` (the caller checked its `num_new` entries fit): take the new
         entries, drop the old ones tail first, retreat the path frontier."""
         plane = None if self.num_groups == 1 else group
-        table = plan.new_table
+        table: list[int] = []
         new_ids = []
-        for e, b in enumerate(table):
+        for b in plan.new_table:
             if b is None:
-                table[e] = b = access.take_blocks(1)[0] if plane is None else \
-                    access.take_plane(group)
+                b = access.take_blocks(1)[0] if plane is None else access.take_plane(group)
                 new_ids.append(b)
+            table.append(b)
         s = access.block_size
         copies = [(src, table[e] * s + offset) for src, e, offset in plan.moves]
         for b in reversed(plan.dropped):
             self._drop(access, group, b)
         self._release_frontier(access)
-        self.tables[group] = table  # type: ignore[assignment]  # no None left
+        self.tables[group] = table
         self.num_removed[group] += plan.num_evicted
         self.evicted[group] = set()
         return CopyPlan(group, plane, copies, list(plan.dropped), new_ids,

@@ -39,10 +39,11 @@ Invariants (checked by `check_integrity`):
   (unreferenced chunk, evictable), pinned-idle (unreferenced pinned chunk) or split (planes
   owned by groups), so free + cached + pinned + used + split == total (pinned is 0 unless
   `pin_prefix` is used, split 0 unless a many-group request evicts);
-- a block's reference count equals the number of requests whose tables (any group) list it
-  as a dense block, plus the number of requests adopting it, plus the path chunks a forked
-  request still holds unlisted; blocks in one table are distinct; until its first eviction a
-  request's table only grows, and covers exactly ceil(num_tokens / S) blocks;
+- a block's reference count equals the number of requests holding it: one per request whose
+  table lists it, whatever number of its groups do (after a first eviction: its private blocks
+  and the chunks of its held path, `kv_groups`), plus one per request adopting it; blocks in one
+  table are distinct; until its first eviction a request's table only grows and covers exactly
+  ceil(num_tokens / S) blocks;
 - the owned planes of split blocks are exactly the planes that some group of some request
   lists (group g of a many-group request owns plane g), each listed once;
 - a request's first `len(block_hashes)` blocks are chunks of one root path of the tree (its own
@@ -133,9 +134,12 @@ class KVManager:
         """A copy of a one-group request's block table (entries never change once assigned,
         until the request's first `evict`)."""
         req = self._req(req_id)
+        if req.groups is None and req.num_groups == 1:
+            return list(req.block_ids)
         if req.num_groups != 1:
             raise ValueError(f"request {req_id!r} has {req.num_groups} groups: use block_tables")
-        return list(req.block_ids if req.groups is None else req.groups.tables[0])
+        assert req.groups is not None
+        return list(req.groups.tables[0])
 
     def block_tables(self, req_id: str) -> list[list[int]]:
         """A copy of each group's block table, `[num_groups][blocks]`."""
@@ -152,6 +156,12 @@ class KVManager:
         position `num_computed + i` goes to slot `num_slots + i`."""
         req = self._req(req_id, group)
         return req.num_computed - (req.groups.num_removed[group] if req.groups else 0)
+
+    def num_removed_slots(self, req_id: str, group: int) -> int:
+        """Positions minus slots of the group: the token at position p (computed after the
+        group's last compaction) lives at slot p - num_removed_slots (0 for a dense request)."""
+        req = self._req(req_id, group)
+        return req.groups.num_removed[group] if req.groups else 0
 
     def num_kept_tokens(self, req_id: str, group: int) -> int:
         """Computed tokens whose KV the group keeps (== `num_slots` once compacted)."""
@@ -309,8 +319,14 @@ class KVManager:
         """
         req = self._req(req_id)
         groups = req.groups
-        n = (self._num_new_blocks(req, num_tokens) if groups is None
-             else groups.num_fresh_blocks(self._access, num_tokens))
+        if groups is None:
+            n = self._num_new_blocks(req, num_tokens)
+            if n == 0:
+                if num_tokens > req.num_tokens:  # within the tail block
+                    req.num_tokens = num_tokens
+                return []
+        else:
+            n = groups.num_fresh_blocks(self._access, num_tokens)
         if n > self.num_available_blocks():
             raise OutOfBlocksError(
                 f"request {req_id!r} needs {n} more blocks for {num_tokens} tokens; "
@@ -322,8 +338,6 @@ class KVManager:
             new_ids = groups.allocate(self._access, num_tokens)
             self._update_peak()
             return new_ids
-        if n == 0:
-            return []
         new_ids = self._take_blocks(n)
         req.block_ids.extend(new_ids)
         self._update_peak()
@@ -338,18 +352,21 @@ class KVManager:
         req = self._req(req_id)
         s = self.block_size
         assert num_computed_tokens <= len(token_ids), "more computed tokens than tokens"
-        if req.groups is not None:  # after an eviction: never committed nor sealed
+        if req.groups is not None:
             assert all(num_computed_tokens - r <= len(t) * s for t, r in
                        zip(req.groups.tables, req.groups.num_removed)), (
                 f"request {req_id!r}: {num_computed_tokens} computed tokens exceed a table"
             )
-            self._set_computed(req, num_computed_tokens)
+        else:
+            assert num_computed_tokens <= len(req.block_ids) * s, (
+                f"request {req_id!r}: {num_computed_tokens} computed tokens exceed its "
+                f"{len(req.block_ids)} blocks"
+            )
+        req.num_computed = num_computed_tokens
+        if num_computed_tokens > req.num_tokens:  # written within the tail's capacity
+            req.num_tokens = num_computed_tokens
+        if req.groups is not None:  # after an eviction: never committed nor sealed
             return
-        assert num_computed_tokens <= len(req.block_ids) * s, (
-            f"request {req_id!r}: {num_computed_tokens} computed tokens exceed its "
-            f"{len(req.block_ids)} blocks"
-        )
-        self._set_computed(req, num_computed_tokens)
         num_full = num_computed_tokens // s
         if num_full > req.num_sealed:
             if self._on_seal is not None:
@@ -368,11 +385,11 @@ class KVManager:
                 self._acquire(cached.block_id)
                 req.adopted[i] = cached.block_id
                 self._num_adopters[cached.block_id] = self._num_adopters.get(cached.block_id, 0) + 1
+                self._update_peak()  # an adoption is the only way commit adds a reference
             req.block_hashes.append(block_hash)
             if self._in_flight.get(block_hash) == req_id:
                 del self._in_flight[block_hash]
             parent = block_hash
-        self._update_peak()
 
     def free(self, req_id: str) -> None:
         """Drop the request (finished, aborted or preempted) and all its references.
@@ -500,12 +517,6 @@ class KVManager:
             raise ValueError(f"group {group} out of range for {req.num_groups} groups")
         return req
 
-    @staticmethod
-    def _set_computed(req: _RequestBlocks, num_computed_tokens: int) -> None:
-        req.num_computed = num_computed_tokens
-        if num_computed_tokens > req.num_tokens:  # written within the tail's capacity
-            req.num_tokens = num_computed_tokens
-
     def _num_new_blocks(self, req: _RequestBlocks, num_tokens: int) -> int:
         return max(-(-num_tokens // self.block_size) - len(req.block_ids), 0)
 
@@ -576,9 +587,12 @@ class KVManager:
     def _update_peak(self) -> None:
         pool = self.pool
         used = pool.num_used_blocks
-        self.peak_blocks_used = max(self.peak_blocks_used, used + pool.num_split_blocks)
-        self.peak_planes_used = max(self.peak_planes_used,
-                                    used * pool.num_planes + pool.num_owned_planes)
+        split = pool.num_split_blocks
+        if used + split > self.peak_blocks_used:
+            self.peak_blocks_used = used + split
+        planes = used * pool.num_planes + (pool.num_owned_planes if split else 0)
+        if planes > self.peak_planes_used:
+            self.peak_planes_used = planes
 
     def check_integrity(self) -> None:
         """Raise AssertionError naming the first violated invariant (O(blocks + table sizes))."""
