@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
@@ -43,6 +44,7 @@ WEIGHT_DTYPES = ("auto",) + WEIGHT_FORMATS
 # KV formats by name (kvwise.cache.kv_store registry; a test checks the two lists agree)
 KV_CACHE_DTYPES = ("auto",) + DTYPES + ("int8",)
 ACTIVATION_QUANTS = ("none", "int8")  # inputs of the int4 CPU decode kernels
+KV_COMPRESSIONS = ("none", "streaming")  # eviction policies, see kvwise.cache.compress
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class EngineConfig:
     lm_head_dtype: Optional[str] = None  # None: the projections' format, but int8 for int4
     kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16 | int8
     activation_quant: str = "none"  # none | int8: int4 layers' CPU decode kernels take int8 inputs
+    kv_compression: str = "none"  # none | streaming (a request may override it)
+    sink_tokens: int = 4  # streaming: first tokens always kept (attention sinks)
+    window_tokens: Optional[int] = None  # streaming: recent tokens kept (required for it)
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -112,6 +117,7 @@ class EngineConfig:
             if self.device != "cpu":
                 raise bad("activation_quant", f"{self.activation_quant} is implemented by the "
                           f"CPU kernels only, got device={self.device!r}")
+        check_kv_compression(self.kv_compression, self.sink_tokens, self.window_tokens, bad)
 
     @property
     def resolved_kv_cache_dtype(self) -> str:
@@ -160,7 +166,29 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("activation_quant", str, "none | int8: int4 layers round each decode step's activations "
                               "to int8 per 32 values and use integer dot products (CPU; "
                               "llama.cpp's Q8 activations)"),
+    ("kv_compression", str, "none | streaming: evict KV between the first --sink-tokens and the "
+                            "last --window-tokens of each request (StreamingLLM), freeing "
+                            "blocks; a request may set its own"),
+    ("sink_tokens", int, "streaming: first tokens always kept (attention sinks; default 4)"),
+    ("window_tokens", int, "streaming: most recent tokens kept (required with streaming)"),
 ]
+
+
+def check_kv_compression(name: object, sink_tokens: object, window_tokens: object,
+                         bad: Callable[[str, str], Exception]) -> None:
+    """Validate a KV compression setting (engine config or one request); `bad(field, message)`
+    builds the error to raise."""
+    if name not in KV_COMPRESSIONS:
+        raise bad("kv_compression", f"must be one of {KV_COMPRESSIONS}, got {name!r}")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) \
+            or not 0 <= sink_tokens <= 2**31 - 1:
+        raise bad("sink_tokens", f"must be an integer >= 0, got {sink_tokens!r}")
+    if window_tokens is not None and (
+            not isinstance(window_tokens, int) or isinstance(window_tokens, bool)
+            or not 1 <= window_tokens <= 2**31 - 1):
+        raise bad("window_tokens", f"must be an integer >= 1, got {window_tokens!r}")
+    if name == "streaming" and window_tokens is None:
+        raise bad("window_tokens", "is required with kv_compression=streaming")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,8 @@ class Request:
     cumulative_logprob: Optional[float] = None  # summed only when params.logprobs is set
     hold_after_prefill: bool = False  # stop after the first sampled token, wait for export
     lease_s: Optional[float] = None  # how long a held request waits for its export
+    # the request's KV compression policy (kvwise.cache.compress), None: keeps all its KV
+    kv_policy: Any = None
     lease_deadline: Optional[float] = None  # engine clock time; set when it becomes HELD
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from kvwise.config import check_kv_compression
 from kvwise.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
@@ -49,6 +50,11 @@ class SamplingParams:
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # This request's KV compression (None: the engine's --kv-compression / --sink-tokens /
+    # --window-tokens); see kvwise.cache.compress
+    kv_compression: Optional[str] = None
+    sink_tokens: Optional[int] = None
+    window_tokens: Optional[int] = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +105,12 @@ class SamplingParams:
         for t in self.stop_token_ids or []:
             if not _is_int(t) or not 0 <= t <= INT32_MAX:
                 raise bad("stop_token_ids", f"must be integers in [0, {INT32_MAX}], got {t!r}")
+        if (self.kv_compression, self.sink_tokens, self.window_tokens) != (None, None, None):
+            # only what was given is checked here; the engine fills the rest from its defaults
+            # (and rejects streaming with no window from either) when the request is added
+            check_kv_compression(self.kv_compression or "none",
+                                 0 if self.sink_tokens is None else self.sink_tokens,
+                                 1 if self.window_tokens is None else self.window_tokens, bad)
 
     @property
     def greedy(self) -> bool:

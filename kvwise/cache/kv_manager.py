@@ -85,6 +85,7 @@ class _RequestBlocks:
     num_tokens: int = 0  # positions the table covers (the largest `allocate`)
     num_computed: int = 0  # positions with KV (the last `commit`)
     groups: Optional[GroupTables] = None  # set at the first eviction (then block_ids is empty)
+    commit_limit: Optional[int] = None  # tokens whose full chunks may join the tree (None: all)
 
 
 class KVManager:
@@ -255,12 +256,16 @@ class KVManager:
 
     def start_request(
         self, req_id: str, token_ids: Sequence[int], cache_salt: Optional[str] = None,
-        num_groups: int = 1,
+        num_groups: int = 1, commit_limit: Optional[int] = None,
     ) -> int:
         """Register the request, attach its longest cached prefix; return cached tokens.
 
         `num_groups`: 1 (dense) or `num_planes` (one group per (layer, KV head), so that its
-        groups can evict different tokens)."""
+        groups can evict different tokens). `commit_limit`: only chunks within the first that
+        many tokens join the prefix tree (a compressed request shares its prompt's chunks, not
+        its output's: a held path chunk keeps every chunk above it held, so output chunks
+        committed before the first eviction would stay held, beyond the policy's bound, until
+        the request's window moved past them)."""
         assert req_id not in self._requests, f"request {req_id!r} already started"
         if num_groups not in (1, self.num_planes):
             raise ValueError(f"num_groups must be 1 or num_planes ({self.num_planes}), "
@@ -272,11 +277,13 @@ class KVManager:
         req = self._requests[req_id] = _RequestBlocks(
             cache_salt, [n.block_id for n in nodes], [n.block_hash for n in nodes],
             num_sealed=len(nodes), num_groups=num_groups, num_tokens=num_hit_tokens,
-            num_computed=num_hit_tokens,
+            num_computed=num_hit_tokens, commit_limit=commit_limit,
         )
         if self.enable_prefix_caching:
+            num_shareable = len(token_ids) if commit_limit is None else min(len(token_ids),
+                                                                            commit_limit)
             hashes = iter_chunk_hashes(token_ids, self.block_size, cache_salt,
-                                       len(token_ids) // self.block_size)
+                                       num_shareable // self.block_size)
             for i, block_hash in enumerate(hashes):
                 if i >= len(nodes) and self._in_flight.setdefault(block_hash, req_id) == req_id:
                     req.in_flight.append(block_hash)
@@ -375,7 +382,9 @@ class KVManager:
         if not self.enable_prefix_caching:
             return
         parent = req.block_hashes[-1] if req.block_hashes else root_hash(req.cache_salt)
-        for i in range(len(req.block_hashes), num_computed_tokens // s):
+        num_shareable = num_computed_tokens if req.commit_limit is None else min(
+            num_computed_tokens, req.commit_limit)
+        for i in range(len(req.block_hashes), num_shareable // s):
             chunk_tokens = token_ids[i * s : (i + 1) * s]
             block_hash = chunk_hash(parent, chunk_tokens)
             cached = self.tree.lookup(block_hash)

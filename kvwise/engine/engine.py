@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 import torch
 
 from kvwise.attention import get_backend
+from kvwise.cache.compress import CompressionPolicy, make_policy
 from kvwise.cache.kv_manager import KVManager
 from kvwise.cache.kv_store import format_class, make_kv_store
 from kvwise.config import EngineConfig
@@ -140,8 +141,9 @@ class LLMEngine:
             if not (isinstance(lease_s, (int, float)) and 0 < lease_s < float("inf")):
                 raise InvalidRequestError(
                     f"lease_s: must be a positive number of seconds, got {lease_s!r}", "lease_s")
+        policy = self._kv_policy(params)
         text, ids = self._tokenize_prompt(prompt)
-        max_tokens = self._resolve_max_tokens(len(ids), params)
+        max_tokens = self._resolve_max_tokens(len(ids), params, policy)
         metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
         children = []
         for i in range(params.n):
@@ -150,13 +152,43 @@ class LLMEngine:
             req = Request(rid, request_id, i, ids, params, metrics, max_tokens,
                           generator=self.generator if gen is None else gen,
                           cache_salt=cache_salt, hold_after_prefill=hold_after_prefill,
-                          lease_s=lease_s if hold_after_prefill else None)
+                          lease_s=lease_s if hold_after_prefill else None, kv_policy=policy)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
                                                      params.skip_special_tokens)
             children.append(req)
         self.groups[request_id] = _Group(text, ids, children, metrics)
         for req in children:
             self.scheduler.add(req)
+
+    def _kv_policy(self, params: SamplingParams) -> Optional[CompressionPolicy]:
+        """The request's KV compression: its own settings, the engine's where it gives none."""
+        cfg = self.config
+        name = params.kv_compression or cfg.kv_compression
+        sink = cfg.sink_tokens if params.sink_tokens is None else params.sink_tokens
+        window = cfg.window_tokens if params.window_tokens is None else params.window_tokens
+        if name == "streaming" and window is None:
+            raise InvalidRequestError("window_tokens: is required with kv_compression="
+                                      "streaming (per request or --window-tokens)",
+                                      "window_tokens")
+        return make_policy(name, sink, window, cfg.block_size)
+
+    def _compress(self, plan_requests: list[Request]) -> None:
+        """Apply each compressed request's policy to the KV it kept after this step: evict,
+        compact, and copy the kept rows in the store (kvwise.cache.compress). A compaction the
+        pool cannot serve right now (kept rows to copy out of shared chunks) waits for a later
+        step; until then the evicted rows stay attended to."""
+        kv = self.kv_manager
+        for req in plan_requests:
+            policy = req.kv_policy
+            if policy is None or req.finished:
+                continue
+            rid = req.request_id
+            slots = policy.evict_slots(kv.num_kept_tokens(rid, 0))
+            if slots is not None:
+                kv.evict(rid, 0, slots)
+            if kv.evicted_slots(rid, 0) and kv.can_compact(rid, 0):
+                copy = kv.compact(rid, 0)
+                self.kv_store.copy_rows(copy.src_rows, copy.dst_rows)
 
     def _tokenize_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -173,7 +205,8 @@ class LLMEngine:
                     f"prompt: token id {t!r} is outside the vocabulary [0, {vocab})", "prompt")
         return None, ids
 
-    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams,
+                            policy: Optional[CompressionPolicy] = None) -> int:
         limit = self.max_model_len
         if num_prompt >= limit:
             raise InvalidRequestError(
@@ -186,6 +219,8 @@ class LLMEngine:
                 f"{num_prompt + max_tokens} exceeds max_model_len={limit}", "max_tokens")
         s = self.config.block_size
         need = (num_prompt + max_tokens + s - 1) // s
+        if policy is not None:  # it never holds more than its prompt and the policy's bound
+            need = min(need, (num_prompt + s - 1) // s + policy.max_blocks())
         if need > self.num_blocks:
             raise InvalidRequestError(
                 f"max_tokens: prompt + max_tokens = {num_prompt + max_tokens} tokens need {need} "
@@ -288,6 +323,10 @@ class LLMEngine:
                                 "sequences; only a request with n == 1 can be exported",
                                 "request_id")
         req = group.children[0]
+        if req.kv_policy is not None:
+            raise TransferError(f"kv_compression: {request_id!r} compresses its KV "
+                                f"({req.kv_policy.name}); exporting a compressed request is "
+                                "not supported yet", "kv_compression")
         if req.status == RequestStatus.HELD and req.lease_deadline is not None \
                 and req.lease_deadline <= self.clock():
             self._expire(req)
@@ -401,6 +440,7 @@ class LLMEngine:
             self.kv_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if req.num_output_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 self.prompt_tokens_total += req.num_prompt_tokens
+        self._compress([sch.request for sch in plan.scheduled])
         self.num_steps += 1
         if not inputs.sampling_rows:
             return []
@@ -510,7 +550,7 @@ class LLMEngine:
         for req in self.scheduler.running:
             assert req.status == RequestStatus.RUNNING, req.request_id
             assert len(self.kv_manager.block_table(req.request_id)) * self.config.block_size \
-                >= req.num_computed_tokens, req.request_id
+                >= self.kv_manager.num_slots(req.request_id, 0), req.request_id
         for req in self.scheduler.waiting:
             assert req.request_id not in live, req.request_id
         for rid, req in self.scheduler.held.items():

@@ -53,18 +53,20 @@ class ModelRunner:
         for row, sch in enumerate(plan.scheduled):
             req, n, table = sch.request, sch.num_new_tokens, sch.block_table
             start_pos = req.num_computed_tokens
-            ctx = start_pos + n
             start = len(ids)
-            ids.extend(req.all_token_ids[start_pos:ctx])
-            pos.extend(range(start_pos, ctx))
-            slots.extend(table[p // s] * s + p % s for p in range(start_pos, ctx))
+            ids.extend(req.all_token_ids[start_pos:start_pos + n])
+            pos.extend(range(start_pos, start_pos + n))  # true positions (RoPE)
+            # table slots: positions shifted past what compression evicted (slot_offset)
+            first = start_pos - sch.slot_offset
+            ctx = first + n  # tokens the request attends to after this step
+            slots.extend(table[j // s] * s + j % s for j in range(first, ctx))
             tables.append(table)
             ctx_lens.append(ctx)
             if n == 1 and not prefills:
                 num_decode += 1
             else:
                 context_blocks = None
-                if start_pos > 0:
+                if first > 0:
                     nb = (ctx + s - 1) // s
                     context_blocks = torch.tensor(table[:nb], dtype=torch.long, device=self.device)
                 prefills.append(PrefillSpan(start, n, ctx, context_blocks))

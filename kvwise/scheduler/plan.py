@@ -18,6 +18,9 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
     block_table: list[int]
+    # positions minus table slots (tokens a compressed request evicted and compacted away):
+    # position p lives at slot p - slot_offset of `block_table`; 0 for a dense request
+    slot_offset: int = 0
 
     @property
     def samples(self) -> bool:

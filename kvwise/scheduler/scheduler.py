@@ -102,8 +102,7 @@ class Scheduler:
                 continue
             if not self._make_room(req, num_new, plan):
                 break  # req itself was preempted; everything after it is gone too
-            plan.scheduled.append(ScheduledRequest(
-                req, num_new, self.kv.block_table(req.request_id)))
+            plan.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
             i += 1
         return budget
@@ -149,15 +148,22 @@ class Scheduler:
             if num_new == 0 or need > self.kv.num_available_blocks():
                 req.num_computed_tokens = 0
                 break
-            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt)
+            # a compressed request shares its prompt's chunks only (KVManager.start_request)
+            limit = req.num_prompt_tokens if req.kv_policy is not None else None
+            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt,
+                                           commit_limit=limit)
             assert cached == hit, (cached, hit)
             self.kv.allocate(req.request_id, hit + num_new)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            plan.scheduled.append(ScheduledRequest(
-                req, num_new, self.kv.block_table(req.request_id)))
+            plan.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        rid = req.request_id
+        return ScheduledRequest(req, num_new, self.kv.block_table(rid),
+                                self.kv.num_removed_slots(rid, 0))
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens

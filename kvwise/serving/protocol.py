@@ -77,6 +77,10 @@ class _SamplingFields(_Model):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
+    # kvwise extensions (extra body): this request's KV compression, see --kv-compression
+    kv_compression: Optional[str] = None
+    sink_tokens: Optional[int] = None
+    window_tokens: Optional[int] = None
 
     def _unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -103,7 +107,8 @@ class _SamplingFields(_Model):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
             min_p=0.0 if self.min_p is None else self.min_p, seed=self.seed,
             max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, kv_compression=self.kv_compression,
+            sink_tokens=self.sink_tokens, window_tokens=self.window_tokens)
 
     @property
     def include_usage(self) -> bool:

@@ -284,3 +284,19 @@ def test_fuzz_no_5xx(server: Any, body: dict, path: str) -> None:
 def test_fuzz_left_server_clean(server: Any) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
     server.wait_drained()
+
+
+def test_streaming_kv_compression_per_request(llm: Any, oai: openai.OpenAI, http: Any) -> None:
+    """kvwise's extra body: `kv_compression` / `sink_tokens` / `window_tokens` per request; the
+    same as LLM.generate with those SamplingParams; bad settings get 400 naming the field."""
+    extra = {"kv_compression": "streaming", "sink_tokens": 4, "window_tokens": 32}
+    ref = llm.generate(PROMPTS[:1], greedy(80, **extra), use_tqdm=False)[0].outputs[0].text
+    r = oai.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=80, temperature=0,
+                               extra_body=extra)
+    assert r.choices[0].text == ref
+    for body, field in (({"kv_compression": "streaming"}, "window_tokens"),
+                        ({"kv_compression": "h2o", "window_tokens": 8}, "kv_compression"),
+                        ({"kv_compression": "streaming", "window_tokens": 0}, "window_tokens"),
+                        ({"sink_tokens": -1}, "sink_tokens")):
+        err = _err(http.post("/v1/completions", json={"prompt": "hi", **body}), 400)
+        assert err["param"] == field, (body, err)
