@@ -24,6 +24,9 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing scores it), then token id -> Logprob
+# (the prompt token given the tokens before it, plus the top-k), as vLLM returns them.
+PromptLogprobs = list[Optional[dict[int, Logprob]]]
 
 
 @dataclass
@@ -79,3 +82,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=0.0))
+    # None unless SamplingParams.prompt_logprobs is set; then complete once the prompt is
+    # computed (entries not yet computed are None too)
+    prompt_logprobs: Optional[PromptLogprobs] = None

@@ -48,6 +48,10 @@ class SamplingParams:
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    # Logprobs of the prompt's own tokens (vLLM's name): for each prompt token after the first,
+    # its logprob given the tokens before it plus this many top alternatives (0: the token only).
+    # Such a request computes the LM head for every prompt position and takes no prefix hits.
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # This request's KV compression (None: the engine's --kv-compression / --sink-tokens /
@@ -99,6 +103,11 @@ class SamplingParams:
         ):
             raise bad("logprobs",
                       f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got "
+                      f"{self.prompt_logprobs!r}")
         for s in self.stop_list:
             if not isinstance(s, str) or s == "":
                 raise bad("stop", "stop strings must be non-empty strings")

@@ -37,14 +37,21 @@ from kvwise.cache.kv_store import format_class, make_kv_store
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
 from kvwise.engine.model_setup import build_model
-from kvwise.engine.runner import ModelRunner
+from kvwise.engine.runner import ModelRunner, PromptSpan
 from kvwise.engine.transfer import RequestExport
 from kvwise.errors import ConfigError, InvalidRequestError, TransferError
 from kvwise.model.detokenizer import IncrementalDetokenizer, find_stop
-from kvwise.model.sampler import SamplerOutput, draw_uniforms, make_generator, sample
-from kvwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvwise.model.sampler import (
+    SamplerOutput,
+    draw_uniforms,
+    make_generator,
+    sample,
+    score_tokens,
+)
+from kvwise.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput
 from kvwise.request import Request, RequestStatus
 from kvwise.sampling_params import SamplingParams
+from kvwise.scheduler.plan import ScheduledRequest
 from kvwise.scheduler.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,6 +67,8 @@ class _Group:
     prompt_token_ids: list[int]
     children: list[Request]
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs: one entry per prompt token, filled as its chunks run
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class LLMEngine:
@@ -156,7 +165,8 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
                                                      params.skip_special_tokens)
             children.append(req)
-        self.groups[request_id] = _Group(text, ids, children, metrics)
+        scored = [None] * len(ids) if params.prompt_logprobs is not None else None
+        self.groups[request_id] = _Group(text, ids, children, metrics, scored)
         for req in children:
             self.scheduler.add(req)
 
@@ -323,6 +333,10 @@ class LLMEngine:
                                 "sequences; only a request with n == 1 can be exported",
                                 "request_id")
         req = group.children[0]
+        if req.params.prompt_logprobs is not None:
+            raise TransferError(f"prompt_logprobs: {request_id!r} scores its prompt; its prompt "
+                                "logprobs stay with this engine, so it cannot be exported",
+                                "prompt_logprobs")
         if req.kv_policy is not None:
             raise TransferError(f"kv_compression: {request_id!r} compresses its KV "
                                 f"({req.kv_policy.name}); exporting a compressed request is "
@@ -442,8 +456,14 @@ class LLMEngine:
                 self.prompt_tokens_total += req.num_prompt_tokens
         self._compress([sch.request for sch in plan.scheduled])
         self.num_steps += 1
+        touched: dict[str, _Group] = {}
+        if inputs.prompt_spans:
+            num_sampling = len(inputs.sampling_rows)
+            self._score_prompts(plan.scheduled, inputs.prompt_spans, logits[num_sampling:],
+                                touched)
+            logits = logits[:num_sampling]  # [R, V]
         if not inputs.sampling_rows:
-            return []
+            return [self._output(pid, g, time.monotonic()) for pid, g in touched.items()]
         reqs = [plan.scheduled[i].request for i in inputs.sampling_rows]
         params, gens = [r.params for r in reqs], [r.generator for r in reqs]
         uniforms = draw_uniforms(params, gens, logits.device)  # once: a retry reuses them
@@ -454,7 +474,6 @@ class LLMEngine:
             logger.warning("sampling %d rows failed; sampling them one by one", len(reqs),
                            exc_info=True)
         now = time.monotonic()
-        touched: dict[str, _Group] = {}
         for j, req in enumerate(reqs):
             if req.finished:  # aborted in this loop because a sibling failed
                 continue
@@ -467,6 +486,31 @@ class LLMEngine:
                 self._fail_request(req, e)
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(pid, g, now) for pid, g in touched.items()]
+
+    def _score_prompts(self, scheduled: list[ScheduledRequest], spans: list[PromptSpan],
+                       logits: torch.Tensor, touched: dict[str, _Group]) -> None:
+        """Prompt logprobs from the spans' logits [Q, V] (span by span): position p's logits
+        score prompt token p + 1. A request whose scoring raises fails alone (into `touched`)."""
+        first_row = 0
+        for span in spans:
+            rows = logits[first_row:first_row + span.num_positions]  # [n, V]
+            first_row += span.num_positions
+            req = scheduled[span.row].request
+            group = self.groups.get(req.parent_id)
+            if req.finished or group is None or group.prompt_logprobs is None:
+                continue
+            p, n = span.first_position, span.num_positions
+            try:
+                entries = score_tokens(rows, req.prompt_token_ids[p + 1:p + 1 + n],
+                                       req.params.prompt_logprobs or 0)
+                for entry in entries:
+                    for tid, lp in entry.items():
+                        lp.decoded_token = self.tokenizer.decode([tid],
+                                                                 skip_special_tokens=False)
+                group.prompt_logprobs[p + 1:p + 1 + n] = entries  # a recompute overwrites
+            except Exception as e:
+                self._fail_request(req, e)
+                touched[req.parent_id] = group
 
     def _fail_request(self, req: Request, error: Exception) -> None:
         """Finish `req` with finish_reason "error" and abort its siblings (call from `except`)."""
@@ -521,8 +565,9 @@ class LLMEngine:
             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             logprobs=list(c.logprobs) if c.logprobs is not None else None,
             cumulative_logprob=c.cumulative_logprob) for c in group.children]
+        scored = list(group.prompt_logprobs) if group.prompt_logprobs is not None else None
         return RequestOutput(parent_id, group.prompt, group.prompt_token_ids, outputs,
-                             finished, group.metrics)
+                             finished, group.metrics, scored)
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -1,8 +1,11 @@
-"""Turns a StepPlan into flat tensors, runs the model and returns logits of sampling rows.
+"""Turns a StepPlan into flat tensors, runs the model and returns logits of sampling rows
+(and of the prompt positions of requests that score their prompt).
 
 Invariants:
 - Token layout follows plan order (decode rows first); `logits_indices` picks each sampling
-  request's last token, in plan order.
+  request's last token, in plan order, then the prompt positions of `prompt_spans`, in plan
+  order: logits rows [0, R) sample, rows [R, R + Q) are the spans' positions, span by span.
+- A request without prompt logprobs adds nothing to a step (no per-token work on the hot path).
 - All per-step index tensors (slot rows, decode gather rows and mask) are built here once and
   shared by every layer; a backend with a `prepare(meta)` hook adds its own, once per step.
 """
@@ -17,6 +20,18 @@ from kvwise.attention.backend import AttentionBackend, AttentionMetadata, Prefil
 from kvwise.cache.kv_store import KVStore
 from kvwise.model.llama import LlamaModel
 from kvwise.scheduler.plan import StepPlan
+from kvwise.scheduler.scheduler import scores_prompt
+
+
+@dataclass
+class PromptSpan:
+    """Prompt positions [first_position, first_position + num_positions) of the request at plan
+    position `row` whose logits this step returns: position p's logits score prompt token p + 1
+    (the last prompt position samples instead, so it is never in a span)."""
+
+    row: int
+    first_position: int
+    num_positions: int
 
 
 @dataclass
@@ -24,8 +39,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [R] long
+    logits_indices: torch.Tensor  # [R + Q] long
     sampling_rows: list[int]  # plan positions of the R sampling requests
+    prompt_spans: list[PromptSpan]  # the Q prompt-logprob rows after them; usually empty
 
 
 class ModelRunner:
@@ -47,6 +63,8 @@ class ModelRunner:
         logits_idx: list[int] = []
         sampling_rows: list[int] = []
         prefills: list[PrefillSpan] = []
+        spans: list[PromptSpan] = []
+        span_starts: list[int] = []  # flat index of each span's first position
         tables: list[list[int]] = []
         ctx_lens: list[int] = []
         num_decode = 0
@@ -73,6 +91,19 @@ class ModelRunner:
             if sch.samples:
                 logits_idx.append(len(ids) - 1)
                 sampling_rows.append(row)
+            if req.params.prompt_logprobs is not None and scores_prompt(req):  # rare: one test
+                stop = min(start_pos + n, req.num_prompt_tokens - 1)  # P - 1 samples instead
+                if stop > start_pos:
+                    spans.append(PromptSpan(row, start_pos, stop - start_pos))
+                    span_starts.append(start)
+        for span, flat in zip(spans, span_starts):
+            logits_idx.extend(range(flat, flat + span.num_positions))
+        if spans and num_decode == len(ids) == len(logits_idx):
+            # The fused decode step (every token a decode row, every token in logits_indices)
+            # returns logits in token order: only right if that is logits_indices' order. It is:
+            # plans put sampling single-token rows first, so they are flat [0, R) and the spans'
+            # 1-token chunks follow in plan order.
+            assert logits_idx == list(range(len(ids))), logits_idx
         dev = self.device
         decode_blocks = decode_mask = decode_lens = None
         if num_decode:
@@ -95,10 +126,10 @@ class ModelRunner:
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
             meta=meta,
             logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
-            sampling_rows=sampling_rows)
+            sampling_rows=sampling_rows, prompt_spans=spans)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """-> logits [R, V] fp32 for the sampling rows."""
+        """-> logits [R + Q, V] fp32: the sampling rows, then the prompt spans' positions."""
         return self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta,
                           self.backend, inputs.logits_indices)
 

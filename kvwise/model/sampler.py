@@ -141,6 +141,22 @@ def sample(
     return SamplerOutput(token_ids.tolist(), logprobs, sampled)
 
 
+def score_tokens(
+    logits: torch.Tensor, token_ids: Sequence[int], count: int
+) -> list[dict[int, Logprob]]:
+    """Logprob and rank of `token_ids[i]` under row i of `logits` [N, V], plus the row's
+    top-`count` tokens: the prompt logprobs of N positions (row i = the logits of the position
+    before token i). Same numbers as `sample`'s logprobs: log_softmax of the raw logits, ranks
+    by (logit desc, id asc)."""
+    assert logits.dim() == 2 and logits.shape[0] == len(token_ids), (logits.shape, len(token_ids))
+    logits = logits.float()  # no copy when already fp32
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=logits.device)  # [N]
+    log_norm = _logsumexp(logits)[:, 0]  # [N]
+    token_lp = logits.gather(1, ids[:, None])[:, 0] - log_norm  # [N]
+    rows = list(range(len(token_ids)))
+    return _collect_logprobs(logits, log_norm, ids, token_lp, rows, [count] * len(rows))
+
+
 def _sample_rows(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],

@@ -135,11 +135,15 @@ class Scheduler:
         s = self.kv.block_size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if self.kv.prefix_in_flight(req.all_token_ids, req.cache_salt):
+            # A request scoring its prompt needs the logits of every prompt position, and a
+            # prefix hit skips computing the cached positions: it matches nothing (an empty
+            # match) and computes its whole prompt; its chunks still join the cache at commit.
+            match_ids = [] if scores_prompt(req) else req.all_token_ids
+            if self.kv.prefix_in_flight(match_ids, req.cache_salt):
                 # A running request is computing this prompt's next chunk: wait for its commit
                 # and hit it, instead of computing the same prefix twice (FCFS: stop here).
                 break
-            hit = self.kv.match_prefix(req.all_token_ids, req.cache_salt)  # read-only
+            hit = self.kv.match_prefix(match_ids, req.cache_salt)  # read-only
             req.num_computed_tokens = hit
             num_new = self._num_new_tokens(req, budget)
             # Conservative fit check before touching any state: the hit chunks may be
@@ -150,7 +154,7 @@ class Scheduler:
                 break
             # a compressed request shares its prompt's chunks only (KVManager.start_request)
             limit = req.num_prompt_tokens if req.kv_policy is not None else None
-            cached = self.kv.start_request(req.request_id, req.all_token_ids, req.cache_salt,
+            cached = self.kv.start_request(req.request_id, match_ids, req.cache_salt,
                                            commit_limit=limit)
             assert cached == hit, (cached, hit)
             self.kv.allocate(req.request_id, hit + num_new)
@@ -182,3 +186,11 @@ class Scheduler:
             if r.request_id == request_id:
                 return r
         return self.held.get(request_id)
+
+
+def scores_prompt(req: Request) -> bool:
+    """Whether `req` still needs the logits of its prompt positions (prompt logprobs): only the
+    first sibling of a request scores the shared prompt, and only until it has sampled (after
+    that the prompt logprobs are complete; a recompute after preemption need not redo them)."""
+    return req.params.prompt_logprobs is not None and req.index == 0 \
+        and req.num_output_tokens == 0
