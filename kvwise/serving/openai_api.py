@@ -393,7 +393,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def completions(body: P.CompletionRequest, request: Request) -> Any:
         model = server.model_name(body.model)
         prompts = body.prompts()
-        params = body.sampling_params(body.max_tokens, body.logprobs, server.vocab_size)
+        params = body.engine_params(server.vocab_size)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await server.add([NewRequest(f"{rid}-{i}", p, params)
                                     for i, p in enumerate(prompts)])
@@ -414,7 +414,18 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         finals = await _collect(streams, trackers, request)
         if finals is None:
             return Response(status_code=499)
-        return P.completion_response(rid, created, model, finals, body.n, k)
+        echo = None
+        if body.echo:
+            done = finals  # the tokenizer is used on the engine thread only
+
+            def build_echo(e: Any) -> P.Echo:
+                def decode(ids: list[int]) -> str:
+                    return e.tokenizer.decode(ids, skip_special_tokens=False)
+
+                return P.Echo.build(done, decode, body.echo_only)
+
+            echo = await engine.call(build_echo)
+        return P.completion_response(rid, created, model, finals, body.n, k, echo)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses=_STREAMING)

@@ -9,12 +9,19 @@ Invariants:
 - Logprobs sent to clients are finite: -inf is clamped to `MIN_LOGPROB`.
 - Streaming text is sent as deltas of the engine's cumulative text; token counts in `usage` are
   the engine's.
+- `echo` (legacy completions, non-streaming): text = prompt + completion and logprobs cover the
+  prompt tokens then the completion's; the first prompt token has logprob null (nothing scores
+  it). `max_tokens: 0` is only meaningful with echo (the prompt's logprobs, as lm-eval's
+  loglikelihood asks): the engine runs the prompt with max_tokens=1 and the generated token is
+  dropped (finish_reason "length", completion_tokens 0), as vLLM does; without echo it is a 400.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -93,7 +100,8 @@ class _SamplingFields(_Model):
                                       "stream_options")
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                        vocab_size: int) -> SamplingParams:
+                        vocab_size: int, prompt_logprobs: Optional[int] = None
+                        ) -> SamplingParams:
         """Map to SamplingParams (which validates and names the bad field)."""
         self._unsupported()
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -107,8 +115,9 @@ class _SamplingFields(_Model):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
             min_p=0.0 if self.min_p is None else self.min_p, seed=self.seed,
             max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, kv_compression=self.kv_compression,
-            sink_tokens=self.sink_tokens, window_tokens=self.window_tokens)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            kv_compression=self.kv_compression, sink_tokens=self.sink_tokens,
+            window_tokens=self.window_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -123,9 +132,21 @@ class CompletionRequest(_SamplingFields):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
+    @property
+    def echo_only(self) -> bool:
+        """`echo` with `max_tokens: 0`: the prompt and its logprobs, nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    def engine_params(self, vocab_size: int) -> SamplingParams:
+        """The engine's params: with echo, the prompt's logprobs too (as many alternatives as
+        `logprobs`); echo with max_tokens 0 runs one token, which the response drops."""
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self.sampling_params(max_tokens, self.logprobs, vocab_size, prompt_logprobs)
+
     def prompts(self) -> list[Union[str, list[int]]]:
-        if self.echo:
-            raise InvalidRequestError("echo: not supported", "echo")
+        if self.echo and self.stream:
+            raise InvalidRequestError("echo: not supported with stream", "echo")
         if self.suffix:
             raise InvalidRequestError("suffix: not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -170,8 +191,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    echo: Optional[bool] = False
 
     def chat_logprobs(self) -> Optional[int]:
+        if self.echo:
+            raise InvalidRequestError("echo: only /v1/completions echoes its prompt", "echo")
         if not self.messages:
             raise InvalidRequestError("messages: must contain at least one message", "messages")
         if self.top_logprobs is not None and not self.logprobs:
@@ -223,8 +247,9 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # None (null) only for the first prompt token of an echo: nothing scores it
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -364,6 +389,64 @@ def completion_logprobs(c: CompletionOutput, start: int, k: int,
     return out
 
 
+def prompt_completion_logprobs(out: RequestOutput, first_token: str, k: int
+                               ) -> CompletionLogprobs:
+    """Legacy-completions logprobs of the prompt tokens (echo) from `out.prompt_logprobs`: the
+    first token (`first_token`, decoded) has null logprob and null top_logprobs."""
+    res = CompletionLogprobs()
+    scored = out.prompt_logprobs or []
+    offset = 0
+    for i, tid in enumerate(out.prompt_token_ids):
+        entry = scored[i] if i < len(scored) else None
+        own = entry.get(tid) if entry is not None else None
+        if entry is None or own is None:
+            tok, lp, top = first_token if i == 0 else f"token_id:{tid}", None, None
+        else:
+            tok, lp = _token_str(own, tid), _finite(own.logprob)
+            top = {_token_str(x, t): _finite(x.logprob) for t, x in _top(entry, k)}
+            top.setdefault(tok, lp)
+        res.tokens.append(tok)
+        res.token_logprobs.append(lp)
+        res.top_logprobs.append(top)
+        res.text_offset.append(offset)
+        offset += len(tok)
+    return res
+
+
+@dataclass
+class Echo:
+    """What an echo response adds per prompt: its text and its first token decoded (nothing
+    scores that token, so no Logprob carries its string), and whether generation is dropped."""
+
+    texts: list[str]
+    first_tokens: list[str]
+    echo_only: bool
+
+    @staticmethod
+    def build(finals: list[RequestOutput], decode: Callable[[list[int]], str],
+              echo_only: bool) -> Echo:
+        """`decode(ids)` -> text with special tokens kept (call it on the engine's thread)."""
+        texts = [out.prompt if out.prompt is not None else decode(out.prompt_token_ids)
+                 for out in finals]
+        return Echo(texts, [decode(out.prompt_token_ids[:1]) for out in finals], echo_only)
+
+
+def _echo_choice(i: int, out: RequestOutput, c: CompletionOutput, echo: Echo,
+                 logprobs: Optional[int]) -> CompletionChoice:
+    lp = None
+    if logprobs is not None:
+        lp = prompt_completion_logprobs(out, echo.first_tokens[i], logprobs)
+        if not echo.echo_only:
+            gen = completion_logprobs(c, 0, logprobs, sum(len(t) for t in lp.tokens))
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(lp, name).extend(getattr(gen, name))
+    if echo.echo_only:
+        return CompletionChoice(index=c.index, text=echo.texts[i], logprobs=lp,
+                                finish_reason="length")
+    return CompletionChoice(index=c.index, text=echo.texts[i] + c.text, logprobs=lp,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+
 def chat_logprobs(c: CompletionOutput, start: int, k: int) -> ChatLogprobs:
     content = []
     for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
@@ -443,12 +526,19 @@ def chat_chunk_choice(index: int, c: CompletionOutput, st: StreamState,
 
 
 def completion_response(rid: str, created: int, model: str, finals: list[RequestOutput], n: int,
-                        logprobs: Optional[int]) -> CompletionResponse:
+                        logprobs: Optional[int], echo: Optional[Echo] = None
+                        ) -> CompletionResponse:
     """Choice index = prompt index * n + sibling index (as the OpenAI API numbers them)."""
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, out in enumerate(finals):
         prompt_tokens += len(out.prompt_token_ids)
         for c in out.outputs:
+            if echo is not None:
+                choice = _echo_choice(i, out, c, echo, logprobs)
+                choice.index = i * n + c.index
+                choices.append(choice)
+                completion_tokens += 0 if echo.echo_only else len(c.token_ids)
+                continue
             completion_tokens += len(c.token_ids)
             choices.append(CompletionChoice(
                 index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
