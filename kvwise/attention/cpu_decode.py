@@ -178,9 +178,10 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
             base[pos + s] = start + s * row
         pos += block_size
         blk += 1
-    scores = np.empty((hn, n), np.float32)
     quant = k_scale.shape[0] > 0
-    tok_scale = np.empty(n if quant else 0, np.float32)  # one KV head's scale per position
+    # int8 caches: one more row holds a KV head's scale per position (no extra allocation)
+    scores = np.empty((hn + 1 if quant else hn, n), np.float32)
+    tok_scale = scores[hn if quant else 0]
     sc = vsplat(scale)
     n16 = n // 16 * 16
     # While this request computes, prefetch the next one's rows (the next task on this
