@@ -6,7 +6,8 @@ requests are told apart, through `meta` (see kvwise.attention.backend).
 
 Invariants:
 - Q/K/V and gate/up projections are fused into one matmul each (weights concatenated at load).
-- Logits are computed only for `logits_indices` (the last token of each request that samples).
+- Logits are computed only for `logits_indices` (the last token of each request that samples,
+  and the prompt positions of a request that asks for prompt logprobs).
 - The model holds no per-request state; the KV store and metadata arrive as arguments.
 """
 
