@@ -16,7 +16,8 @@ import openai
 import pytest
 
 API_KEY = "test-key-123"
-SERVER_ARGS = ["--threads", "2", "--max-model-len", "256", "--kv-cache-memory", "64MiB",
+# room for a request long enough to outlast the 4 s shutdown grace at any decode speed
+SERVER_ARGS = ["--threads", "2", "--max-model-len", "2048", "--kv-cache-memory", "160MiB",
                "--max-num-seqs", "1", "--max-queued-requests", "1", "--shutdown-timeout", "4"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -87,7 +88,7 @@ def test_sigterm_finishes_in_flight_then_exits_0(server: Any) -> None:
     short = threading.Thread(target=stream, args=("short", 8))
     short.start()
     time.sleep(0.3)
-    long = threading.Thread(target=stream, args=("long", 250))
+    long = threading.Thread(target=stream, args=("long", 2000))  # > 4 s even at 400 tok/s
     long.start()
     deadline = time.monotonic() + 30
     while server.stats()["generation_tokens_total"] == 0 or server.stats()["num_running"] == 0:
