@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kvwise.cache import kv_integrity
 from kvwise.cache.block_pool import BlockPool
 from kvwise.cache.kv_compaction import CopyPlan
 from kvwise.cache.kv_groups import GroupTables, PoolAccess
@@ -607,8 +608,8 @@ class KVManager:
         """Raise AssertionError naming the first violated invariant (O(blocks + table sizes))."""
         self.pool.check_integrity()
         self.tree.check_integrity()
-        self._check_tables()
-        self._check_block_states()
+        kv_integrity.check_tables(self)
+        kv_integrity.check_block_states(self)
         assert self.enable_prefix_caching or len(self.tree) == 0, "caching off, tree not empty"
         assert self.enable_prefix_caching or not self._in_flight, "caching off, chunks in flight"
         pool = self.pool
@@ -617,84 +618,3 @@ class KVManager:
         )
         assert self.peak_planes_used >= pool.num_used_blocks * pool.num_planes + \
             pool.num_owned_planes, "plane peak below current use"
-
-    def _check_tables(self) -> None:
-        """Reference counts match the tables and adoptions; hash chains follow the tree."""
-        expected_refs = [0] * self.num_blocks
-        adopters: dict[int, int] = {}
-        listed_planes: dict[int, set[int]] = {}  # split block -> planes that groups list
-        for req_id, req in self._requests.items():
-            assert req.num_computed <= req.num_tokens, f"{req_id}: computed past allocated"
-            if req.groups is not None:
-                assert not req.block_ids and not req.in_flight, f"{req_id}: stale dense state"
-                req.groups.check_integrity(req_id, self.pool, self.tree, req.block_hashes,
-                                           req.num_tokens, req.num_computed)
-                req.groups.count_holdings(self.pool, expected_refs, adopters, listed_planes)
-                continue
-            assert len(req.block_ids) == -(-req.num_tokens // self.block_size), (
-                f"{req_id}: {len(req.block_ids)} blocks for {req.num_tokens} tokens"
-            )
-            assert len(set(req.block_ids)) == len(req.block_ids), f"{req_id}: repeated blocks"
-            assert len(req.block_hashes) <= len(req.block_ids), f"{req_id}: hashes past table"
-            for b in req.block_ids:
-                expected_refs[b] += 1
-            for i, b in req.adopted.items():
-                expected_refs[b] += 1
-                adopters[b] = adopters.get(b, 0) + 1
-                assert b != req.block_ids[i], f"{req_id}: adopted its own block {b}"
-                assert self.tree.node_of_block(req.block_ids[i]) is None, (
-                    f"{req_id}: duplicate block {req.block_ids[i]} is in the tree"
-                )
-            parent = root_hash(req.cache_salt)
-            for i, block_hash in enumerate(req.block_hashes):
-                node = self.tree.lookup(block_hash)
-                assert node is not None, f"{req_id}: chunk {i} is not cached"
-                assert node.parent_hash == parent and node.depth == i, f"{req_id}: chunk {i} path"
-                assert node.block_id == req.adopted.get(i, req.block_ids[i]), (
-                    f"{req_id}: chunk {i} is block {node.block_id}, not the request's"
-                )
-                parent = block_hash
-        for b, expected in enumerate(expected_refs):
-            assert self.pool.ref_count(b) == expected, (
-                f"block {b}: ref count {self.pool.ref_count(b)} != holders {expected}"
-            )
-        assert adopters == self._num_adopters, "adopter counts out of date"
-        for b in range(self.num_blocks):
-            assert self.pool.owned_planes(b) == listed_planes.get(b, set()), (
-                f"block {b}: owned planes {self.pool.owned_planes(b)} != listed "
-                f"{listed_planes.get(b, set())}"
-            )
-        for block_hash, owner in self._in_flight.items():
-            req = self._requests.get(owner)
-            assert req is not None, f"in-flight chunk owned by unknown request {owner!r}"
-            assert block_hash in req.in_flight, f"{owner}: in-flight chunk not in its list"
-            assert block_hash not in req.block_hashes, f"{owner}: committed chunk in flight"
-
-    def _check_block_states(self) -> None:
-        """Each block is exactly one of free, used, cached (evictable), pinned-idle or split."""
-        num_pinned_idle = 0
-        for b in range(self.num_blocks):
-            node = self.tree.node_of_block(b)
-            if self.pool.is_free(b):
-                assert node is None, f"free block {b} is still a cached chunk"
-            elif self.pool.is_split(b):
-                assert node is None, f"split block {b} is a cached chunk"
-            elif self.pool.ref_count(b) == 0:
-                assert node is not None, f"block {b} is unreferenced, not free and not cached"
-                if node.pin_count:
-                    num_pinned_idle += 1
-                    assert not self.tree.is_evictable(b), f"pinned block {b} is evictable"
-                else:
-                    assert self.tree.is_evictable(b), f"cached block {b} is not evictable"
-            else:
-                assert not self.tree.is_evictable(b), f"referenced block {b} is evictable"
-        total = (
-            self.pool.num_free_blocks
-            + self.tree.num_evictable
-            + num_pinned_idle
-            + self.pool.num_used_blocks
-            + self.pool.num_split_blocks
-        )
-        assert total == self.num_blocks, (
-            f"free + cached + pinned + used + split = {total} != {self.num_blocks} blocks"
-        )
