@@ -13,17 +13,12 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from kvwise.cache.kv_store import (
-    KernelKV,
     KVStore,
     ModelShape,
     kernel_dtype,
-    kernel_view,
-    no_scale,
     register_format,
 )
 
@@ -37,23 +32,12 @@ class DenseKV(KVStore):
         dims = (*self._rows_shape(), shape.num_kv_heads, shape.head_dim)
         self.k = torch.zeros(dims, dtype=self.storage_dtype, device=device)  # [L, N*S, K, D]
         self.v = torch.zeros(dims, dtype=self.storage_dtype, device=device)  # [L, N*S, K, D]
-        self._kernel: Optional[list[KernelKV]] = None
         if kernel_dtype(self.k):
-            self._kernel = [KernelKV(kernel_view(self.k[i]), kernel_view(self.v[i]))
-                            for i in range(shape.num_layers)]
+            self._enable_kernels(self.k, self.v)
 
     @classmethod
     def token_head_bytes(cls, head_dim: int) -> int:
         return 2 * head_dim * torch.empty((), dtype=cls.storage_dtype).element_size()
-
-    def kernel_layer(self, layer: int) -> Optional[KernelKV]:
-        return None if self._kernel is None else self._kernel[layer]
-
-    def kernel_all(self) -> Optional[KernelKV]:
-        if self._kernel is None:
-            return None
-        # scales [L, 0, 0]: the fused step indexes them by layer like the caches
-        return KernelKV(kernel_view(self.k), kernel_view(self.v), no_scale(3), no_scale(3))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,11 +18,9 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from kvwise.cache.kv_store import KernelKV, KVStore, ModelShape, kernel_view, register_format
+from kvwise.cache.kv_store import KVStore, ModelShape, register_format
 from kvwise.kernels.cpu import kv_rows
 
 # Steps up to this many tokens quantize with the numba kernel (no per-op dispatch); larger ones
@@ -43,24 +41,12 @@ class Int8KV(KVStore):
         self.k_scale = torch.zeros((*rows, shape.num_kv_heads), dtype=torch.float16,
                                    device=device)  # [L, N*S, K] fp16
         self.v_scale = torch.zeros_like(self.k_scale)  # [L, N*S, K] fp16
-        self._kernel: Optional[list[KernelKV]] = None
         if device.type == "cpu":
-            self._kernel = [KernelKV(kernel_view(self.k[i]), kernel_view(self.v[i]),
-                                     kernel_view(self.k_scale[i]), kernel_view(self.v_scale[i]))
-                            for i in range(shape.num_layers)]
+            self._enable_kernels(self.k, self.v, self.k_scale, self.v_scale)
 
     @classmethod
     def token_head_bytes(cls, head_dim: int) -> int:
         return 2 * (head_dim + 2)  # K and V: D int8 codes + one fp16 scale each
-
-    def kernel_layer(self, layer: int) -> Optional[KernelKV]:
-        return None if self._kernel is None else self._kernel[layer]
-
-    def kernel_all(self) -> Optional[KernelKV]:
-        if self._kernel is None:
-            return None
-        return KernelKV(kernel_view(self.k), kernel_view(self.v), kernel_view(self.k_scale),
-                        kernel_view(self.v_scale))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,6 +121,8 @@ class KVStore:
         self.device = device
         self.bytes_per_block = self.block_bytes(shape, block_size)
         self._layers = [LayerKV(self, i) for i in range(shape.num_layers)]
+        self._kernel_all: Optional[KernelKV] = None  # set by `_enable_kernels`
+        self._kernel_layers: Optional[list[KernelKV]] = None
 
     # -- sizing ------------------------------------------------------------------------------
 
@@ -145,11 +147,24 @@ class KVStore:
 
     def kernel_layer(self, layer: int) -> Optional[KernelKV]:
         """CPU kernel arrays of one layer; None when the kernels cannot read this format."""
-        return None
+        return None if self._kernel_layers is None else self._kernel_layers[layer]
 
     def kernel_all(self) -> Optional[KernelKV]:
         """CPU kernel arrays of every layer ([L, N*S, ...]), for the fused decode step."""
-        return None
+        return self._kernel_all
+
+    def _enable_kernels(self, k: torch.Tensor, v: torch.Tensor,
+                        k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None) -> None:
+        """Let the CPU kernels read these [L, N*S, ...] tensors (views built once, here);
+        without scales the kernels get empty [L, 0, 0] ones, indexable by layer."""
+        empty = np.zeros((self.num_layers, 0, 0), np.uint16)
+        ks = empty if k_scale is None else kernel_view(k_scale)
+        vs = empty if v_scale is None else kernel_view(v_scale)
+        whole = KernelKV(kernel_view(k), kernel_view(v), ks, vs)
+        self._kernel_all = whole
+        self._kernel_layers = [KernelKV(whole.k[i], whole.v[i], whole.k_scale[i],
+                                        whole.v_scale[i]) for i in range(self.num_layers)]
 
     # -- writing and reading -----------------------------------------------------------------
 
