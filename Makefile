@@ -44,7 +44,8 @@ test: install
 	# enough because tests/conftest.py imports kvwise, which exports the cap, before anything else
 	KVWISE_CPU_ISA=avx2 GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -rs -p no:cacheprovider \
 		tests/unit/kernels tests/unit/model/test_quant_kernels.py tests/unit/model/test_fused_decode.py \
-		tests/unit/attention/test_cpu_decode.py tests/unit/model/test_cpu_ops.py
+		tests/unit/attention/test_cpu_decode.py tests/unit/model/test_cpu_ops.py \
+		tests/numerics/test_cache_invariance.py
 
 serve: install
 	$(VENV)/bin/kvwise serve --threads $(THREADS)

@@ -71,6 +71,9 @@ class EngineConfig:
     kv_compression: str = "none"  # none | streaming (a request may override it)
     sink_tokens: int = 4  # streaming: first tokens always kept (attention sinks)
     window_tokens: Optional[int] = None  # streaming: recent tokens kept (required for it)
+    # a token's logits independent of its step's size and of the cache state (see
+    # docs/architecture.md, "Batch-invariant mode"); costs prefill speed
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -118,6 +121,16 @@ class EngineConfig:
                 raise bad("activation_quant", f"{self.activation_quant} is implemented by the "
                           f"CPU kernels only, got device={self.device!r}")
         check_kv_compression(self.kv_compression, self.sink_tokens, self.window_tokens, bad)
+        if self.batch_invariant:
+            need = {"device": (self.device, "cpu"), "dtype": (self.dtype, "float32"),
+                    "attention_backend": (self.attention_backend, "paged")}
+            for name, (got, want) in need.items():
+                if got != want:
+                    raise bad("batch_invariant", f"needs {name}={want} (its row-invariant "
+                              f"kernels are the CPU fp32 paged ones), got {name}={got!r}")
+            if self.resolved_kv_cache_dtype == "bfloat16":
+                raise bad("batch_invariant", "needs a KV format the CPU attention kernel reads "
+                          "(float32, float16, int8), got kv_cache_dtype=bfloat16")
 
     @property
     def resolved_kv_cache_dtype(self) -> str:
@@ -171,6 +184,10 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
                             "blocks; a request may set its own"),
     ("sink_tokens", int, "streaming: first tokens always kept (attention sinks; default 4)"),
     ("window_tokens", int, "streaming: most recent tokens kept (required with streaming)"),
+    ("batch_invariant", bool, "a request's tokens do not depend on the batch, the step size, "
+                              "chunked prefill or prefix-cache hits (seeded sampling repeats "
+                              "exactly); row-invariant CPU kernels for every projection and "
+                              "prefill attention, at a prefill-speed cost (BENCHMARKS.md)"),
 ]
 
 

@@ -56,6 +56,12 @@ class AttentionMetadata:
     context_lens: list[int]
     # What the backend's optional `prepare(meta)` hook returned for this step (None without one).
     backend_data: Optional[Any] = None
+    # Batch-invariant mode, steps with prefill spans: every one of the T rows as a decode-style
+    # query over the cache (its K/V written first): [T * nb] block ids (each row's table padded
+    # to nb) and [T] context lengths (its position in the request + 1). Backends that honour it
+    # compute each row as a decode row would, whatever the step's size (paged).
+    row_block_ids: Optional[torch.Tensor] = None
+    row_context_lens: Optional[torch.Tensor] = None
 
 
 class AttentionBackend(Protocol):

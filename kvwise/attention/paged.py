@@ -9,6 +9,9 @@ Invariants:
 - History is read only through the layer's `LayerKV` (format-independent): the CPU decode
   kernel takes `kv.kernel` (dense or int8 arrays in place), the PyTorch paths dequantized rows.
 - Grouped-query attention: query head h reads KV head h // (H // K).
+- Batch-invariant mode (`meta.row_context_lens` set): every row, prefill rows included, is a
+  decode-kernel query over the cache, so a token's attention output is the same bits whether its
+  step was a decode, a whole prompt, a chunk or a prefix-cache hit's tail.
 """
 
 from __future__ import annotations
@@ -110,6 +113,14 @@ class PagedBackend:
     def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
                 v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
+        if meta.row_context_lens is not None:  # batch-invariant mode: rows as decode queries
+            kern = kv.kernel
+            if kern is None or not self._cpu_decode.supported(q):
+                raise RuntimeError("batch-invariant attention needs the CPU decode kernel "
+                                   "(fp32 queries, a float32/float16/int8 KV cache)")
+            return self._cpu_decode.decode_attention(q, kern, meta.row_block_ids,
+                                                     meta.row_context_lens, meta.block_size,
+                                                     scale)
         bd = meta.num_decode_tokens
         if not meta.prefills:
             return self._decode(q, kv, meta, scale)

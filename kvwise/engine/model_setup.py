@@ -80,7 +80,8 @@ def build_model(config: EngineConfig, dtype: torch.dtype, device: torch.device
         cpu_ops.warmup()
         model.enable_fused_decode()
         for module in model.modules():
-            if hasattr(module, "build_bf16"):  # quantized projections: large-T GEMMs in bf16
+            # quantized projections: large-T GEMMs in bf16 (unused in batch-invariant mode)
+            if hasattr(module, "build_bf16") and not config.batch_invariant:
                 module.build_bf16()
     return model, loaded.tokenizer, mc, loaded.source
 

@@ -46,8 +46,9 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVStore, backend: AttentionBackend,
-                 device: torch.device) -> None:
+                 device: torch.device, batch_invariant: bool = False) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant  # prefill rows as decode queries (row_* metadata)
         self.kv = kv
         self.backend = backend
         self.device = device
@@ -68,6 +69,8 @@ class ModelRunner:
         tables: list[list[int]] = []
         ctx_lens: list[int] = []
         num_decode = 0
+        row_lens: list[int] = []  # batch-invariant mode: each token's context length
+        row_plan: list[int] = []  # and the plan row whose table it reads
         for row, sch in enumerate(plan.scheduled):
             req, n, table = sch.request, sch.num_new_tokens, sch.block_table
             start_pos = req.num_computed_tokens
@@ -80,6 +83,9 @@ class ModelRunner:
             slots.extend(table[j // s] * s + j % s for j in range(first, ctx))
             tables.append(table)
             ctx_lens.append(ctx)
+            if self.batch_invariant:
+                row_lens.extend(range(first + 1, ctx + 1))
+                row_plan.extend([row] * n)
             if n == 1 and not prefills:
                 num_decode += 1
             else:
@@ -119,6 +125,12 @@ class ModelRunner:
             num_decode_tokens=num_decode, decode_block_ids=decode_blocks, decode_mask=decode_mask,
             decode_context_lens=decode_lens, prefills=prefills, block_size=s,
             block_tables=tables, context_lens=ctx_lens)
+        if self.batch_invariant and prefills:
+            nb = (max(row_lens) + s - 1) // s
+            padded_tables = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]
+            meta.row_block_ids = torch.tensor([b for r in row_plan for b in padded_tables[r]],
+                                              dtype=torch.long, device=dev)  # [T * nb]
+            meta.row_context_lens = torch.tensor(row_lens, dtype=torch.long, device=dev)  # [T]
         if self._prepare_backend is not None:
             meta.backend_data = self._prepare_backend(meta)
         return StepInputs(

@@ -167,12 +167,13 @@ def rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
     return q, k, v
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+def silu_mul(gu: torch.Tensor, any_rows: bool = False) -> torch.Tensor:
     """gu [T, 2I] fp32 contiguous (gate | up) -> silu(gate) * up [T, I].
 
     The kernel (scalar expf) serves T <= SILU_KERNEL_MAX_ROWS, the decode sizes that the fused
-    decode step also runs; larger T use torch's vectorized silu (10-20x faster per element)."""
-    if not supported(gu) or gu.shape[0] > SILU_KERNEL_MAX_ROWS:
+    decode step also runs; larger T use torch's vectorized silu (10-20x faster per element),
+    unless `any_rows` (batch-invariant mode: every row through the kernel, same bits for any T)."""
+    if not supported(gu) or (gu.shape[0] > SILU_KERNEL_MAX_ROWS and not any_rows):
         gate, up = gu.chunk(2, dim=-1)
         return F.silu(gate) * up
     out = torch.empty(gu.shape[0], gu.shape[1] // 2)

@@ -73,6 +73,19 @@ class LlamaModel(nn.Module):
         self.sin: torch.Tensor = torch.empty(0)
         self._fused: Optional[FusedDecode] = None
         self.num_threads = torch.get_num_threads()  # the engine sets its own (set_num_threads)
+        self.batch_invariant = False  # see set_batch_invariant
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Batch-invariant mode (docs/architecture.md, "Batch-invariant mode"): every projection,
+        the LM head and SiLU compute each row independently of how many rows the step has.
+        Projections already invariant for T <= SMALL_BATCH_MAX (the fused kernels) keep those
+        kernels for any T."""
+        self.batch_invariant = on
+        for module in self.modules():
+            if isinstance(module, DenseLinear):
+                module.row_invariant = on
+            elif hasattr(module, "workspace"):  # quantized projections (kvwise.model.quant)
+                module.workspace.row_invariant = on
 
     def enable_fused_decode(self) -> bool:
         """Run qualifying decode steps as one numba call (fused_decode.py); call once the weights
@@ -161,7 +174,8 @@ class LlamaModel(nn.Module):
         attn = backend.forward(q, k, v, kv.layer(i), meta, self.scale)  # [T, H, D]
         x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
         h = self._rms(x, layer.post_norm)
-        state.x = x + layer.down(cpu_ops.silu_mul(layer.gate_up(h)))  # silu(gate)*up: [T, I]
+        gu = layer.gate_up(h)  # [T, 2I]
+        state.x = x + layer.down(cpu_ops.silu_mul(gu, self.batch_invariant))  # silu(gate)*up
 
     def head_step(self, state: StepState, logits_indices: torch.Tensor) -> torch.Tensor:
         """Finish a step: -> logits [R, V] fp32 of the rows `logits_indices` [R]."""

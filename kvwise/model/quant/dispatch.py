@@ -19,7 +19,9 @@ Invariants:
 - Small and large steps differ at bf16 precision (~0.4% relative), so with quantized weights a
   token's logits depend on whether its step had <= SMALL_BATCH_MAX tokens; prefix-cache hits and
   chunked prefill change a prompt tail's step size. Rows within either path are independent of
-  the rest of the batch (batch invariance at fixed step sizes holds; tests check it).
+  the rest of the batch (batch invariance at fixed step sizes holds; tests check it). With
+  `Workspace.row_invariant` (`--batch-invariant`) every T runs the fused kernels (`fused_rows`),
+  so a row's bits depend on nothing but that row.
 - The bf16 copy is derived from the packed weight (never loaded separately) and is not a buffer:
   it does not move with `.to()` and is dropped when the layer leaves the CPU. It is kept in
   oneDNN's blocked layout when the probe in `pack_bf16` confirms identical results.
@@ -57,6 +59,9 @@ class Workspace:
         self.num_threads = num_threads or torch.get_num_threads()
         # int4 layers' CPU decode kernels round activations to int8 (`--activation-quant int8`)
         self.act_int8 = act_int8
+        # batch-invariant mode: every T through the fused kernels (`fused_rows`), whose rows do
+        # not depend on T; the bf16 / sgemm large-T paths are not used
+        self.row_invariant = False
         self._buf = torch.empty(0)
         self._threads_set_in: Optional[int] = None  # id of the thread that last applied them
 
@@ -140,3 +145,17 @@ def restore_shape(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2:
         out = out.view(*x.shape[:-1], out.shape[-1])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+FUSED_CHUNK = 64  # tokens per fused-kernel call for large T in batch-invariant mode
+
+
+def fused_rows(x: torch.Tensor, out_features: int,
+               kernel: Callable[[np.ndarray, np.ndarray], None]) -> torch.Tensor:
+    """x fp32 [T, K] -> [T, N] through `kernel(x_chunk, out_chunk)` (a fused int4/int8 matmul)
+    FUSED_CHUNK tokens at a time (their activations stay in cache); each row's value depends
+    only on that row, so chunking changes no bits."""
+    out = torch.empty(x.shape[0], out_features)
+    for t0 in range(0, x.shape[0], FUSED_CHUNK):
+        kernel(x[t0:t0 + FUSED_CHUNK].numpy(), out[t0:t0 + FUSED_CHUNK].numpy())
+    return out

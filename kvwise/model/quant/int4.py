@@ -29,6 +29,7 @@ from kvwise.model.quant.dispatch import (
     Workspace,
     bf16_matmul,
     dequant_matmul,
+    fused_rows,
     restore_shape,
 )
 
@@ -65,6 +66,10 @@ class Int4Linear(QuantLinear):
             out = torch.empty(x2.shape[0], self.out_features)
             kernels.int4_matmul(x2.numpy(), q, scale, minv, bias, out.numpy(),
                                 a8=self.workspace.act_int8)
+        elif self.workspace.row_invariant:
+            a8 = self.workspace.act_int8
+            out = fused_rows(x2, self.out_features, lambda xc, oc: kernels.int4_matmul(
+                xc, q, scale, minv, bias, oc, a8=a8))
         elif self.weight_bf16 is not None:
             out = bf16_matmul(x2, self.weight_bf16, self.bias)
         else:

@@ -27,6 +27,7 @@ from kvwise.model.quant.dispatch import (
     Workspace,
     bf16_matmul,
     dequant_matmul,
+    fused_rows,
     restore_shape,
 )
 
@@ -61,6 +62,9 @@ class Int8Linear(QuantLinear):
         if x2.shape[0] <= SMALL_BATCH_MAX:
             out = torch.empty(x2.shape[0], self.out_features)
             kernels.int8_matmul(x2.numpy(), q, scale, bias, out.numpy())
+        elif self.workspace.row_invariant:
+            out = fused_rows(x2, self.out_features,
+                             lambda xc, oc: kernels.int8_matmul(xc, q, scale, bias, oc))
         elif self.weight_bf16 is not None:
             out = bf16_matmul(x2, self.weight_bf16, self.bias)
         else:

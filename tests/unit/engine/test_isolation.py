@@ -2,9 +2,11 @@
 
 Whatever sampling parameters one request carries, either `SamplingParams`/`add_request` rejects
 them with InvalidRequestError, or the request runs; a request beside it in the same engine steps
-gets exactly the tokens it gets alone. A request whose sampling raises inside a step (parameters
-corrupted after validation) finishes alone with finish_reason "error"; the async front hands that
-request an EngineStepError and nothing else.
+gets exactly the tokens it gets alone (the engine runs batch-invariant: a fuzzed `n` changes the
+step's size, which without the mode changes quantized kernels and so a seeded sample's bits).
+A request whose sampling raises inside a step (parameters corrupted after validation) finishes
+alone with finish_reason "error"; the async front hands that request an EngineStepError and
+nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ MAX_MODEL_LEN = 32
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM("smollm2-135m", threads=2, max_model_len=MAX_MODEL_LEN, num_blocks=32,
-               block_size=16, max_num_batched_tokens=64)
+               block_size=16, max_num_batched_tokens=64, batch_invariant=True)
 
 
 def _greedy_b() -> SamplingParams:
