@@ -43,7 +43,7 @@ from kvwise.bench.workloads import (
     resolve_model,
 )
 from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args, parse_cli_args
-from kvwise.errors import KvwiseError
+from kvwise.errors import ConfigError, KvwiseError
 
 Workload = Union[LatencyWorkload, ThroughputWorkload]
 
@@ -79,6 +79,9 @@ def add_weight_dtypes_arg(parser: argparse.ArgumentParser) -> None:
                         help="also cross the int4 runs with these activation quantizations, "
                              "e.g. none,int8 (engines kvwise-int4-a8; none adds no suffix); "
                              "default: --activation-quant only")
+    parser.add_argument("--batch-invariant-modes", default=None, metavar="LIST",
+                        help="also cross the kvwise runs with batch-invariant mode off,on "
+                             "(engines kvwise-...-inv when on); default: --batch-invariant only")
 
 
 def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
@@ -88,6 +91,11 @@ def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
     weights = [d for d in (getattr(args, "weight_dtypes", None) or "").split(",") if d]
     kvs = [d for d in (getattr(args, "kv_cache_dtypes", None) or "").split(",") if d]
     aqs = [d for d in (getattr(args, "activation_quants", None) or "").split(",") if d]
+    bis = [d for d in (getattr(args, "batch_invariant_modes", None) or "").split(",") if d]
+    for bi in bis:
+        if bi not in ("off", "on"):
+            raise ConfigError(f"batch_invariant_modes: entries are off or on, got {bi!r}",
+                              "batch_invariant_modes")
     for aq in aqs:
         EngineConfig.from_kwargs(weight_dtype="int4", activation_quant=aq)
     configs: dict[str, dict[str, Any]] = {}
@@ -107,8 +115,13 @@ def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
                         name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
                 if aq not in (None, "none"):
                     name = f"{name}-a{aq.removeprefix('int')}"
-                EngineConfig.from_kwargs(**kwargs)  # validate all before any model loads
-                configs[name] = kwargs
+                for bi in bis or [None]:
+                    kw, nm = dict(kwargs), name
+                    if bi is not None:
+                        kw["batch_invariant"] = bi == "on"
+                        nm = f"{name}-inv" if bi == "on" else name
+                    EngineConfig.from_kwargs(**kw)  # validate all before any model loads
+                    configs[nm] = kw
     return configs
 
 
@@ -249,7 +262,7 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
     try:
         configs = kvwise_configs(args, engine_kwargs)
     except KvwiseError as e:
-        print(f"error: --weight-dtypes/--kv-cache-dtypes: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     engines = ([] if args.skip_kvwise else list(configs)) + list(args.peers)
     order = "one at a time" if args.one_at_a_time else "interleaved"
