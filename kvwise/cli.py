@@ -161,7 +161,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
         hf = load_hf_reference(llm.engine.model_source)
         hf_ppl, _ = hf_perplexity(hf, token_chunks(ids, args.context_len, args.num_chunks))
-        print(f"hf_ppl={hf_ppl:.6f} rel_diff={result.ppl / hf_ppl - 1:+.6%}")
+        # HF runs the file's weights dequantized to fp32; kvwise runs its resolved formats (the
+        # default auto keeps a Q4_1 GGUF's blocks as int4): --weight-dtype fp32 compares like
+        # with like
+        fmt = llm.engine.model.weight_formats
+        print(f"hf_ppl={hf_ppl:.6f} rel_diff={result.ppl / hf_ppl - 1:+.6%} "
+              f"kvwise_weights={fmt.projections} kvwise_lm_head={fmt.lm_head} hf_weights=fp32")
     print(f"ppl={result.ppl:.6f}")
     return 0
 
@@ -226,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-file", help="a UTF-8 text file")
     e.add_argument("--dataset", help="built-in text: pydoc-topics | bible-kjv")
     e.add_argument("--compare-hf", action="store_true",
-                   help="also compute HF transformers perplexity on the same chunks")
+                   help="also compute HF transformers perplexity on the same chunks (HF runs "
+                        "the weights as fp32: add --weight-dtype fp32 to compare like with like)")
     e.add_argument("--context-len", type=int, default=1024)
     e.add_argument("--num-chunks", type=int, default=8)
     add_engine_args(e)

@@ -383,7 +383,8 @@ class LLMEngine:
         return self.kv_store.name
 
     def _model_identity(self) -> dict[str, Any]:
-        return transfer.model_identity(self.model_source, self.model_config, self.config)
+        return transfer.model_identity(self.model_source, self.model_config, self.config,
+                                       self.model.weight_formats)
 
     def _tend_held(self) -> None:
         """Before each step: park requests held for send that have sampled their first token

@@ -84,25 +84,23 @@ class RequestExport:
 
 # -- model identity -------------------------------------------------------------------------------
 
-def model_identity(source: str, model_config: Any, config: EngineConfig) -> dict[str, Any]:
+def model_identity(source: str, model_config: Any, config: EngineConfig,
+                   formats: Any) -> dict[str, Any]:
     """What must agree for KV computed by one engine to be continued by another: the weights'
     file (name and size, not its path, so two machines with the same file agree), the
-    architecture and every setting that changes the numbers (dtype, weight formats, activation
-    quantization)."""
+    architecture and every setting that changes the numbers (dtype, the weight formats as
+    resolved, `formats` = the model's `weight_formats`: `auto` on a Q4_1 GGUF is int4 on both
+    sides; activation quantization; batch-invariant mode)."""
     path = os.path.normpath(source)
-    head = "fp32"
-    if config.weight_dtype != "fp32" or config.lm_head_dtype not in (None, "fp32"):
-        from kvwise.model.quant import lm_head_dtype  # already imported by such an engine
-
-        head = lm_head_dtype(config.weight_dtype, config.lm_head_dtype)
     identity = {
         "source": os.path.basename(path),
         "source_bytes": os.path.getsize(path) if os.path.isfile(path) else None,
         "config": dataclasses.asdict(model_config),
         "dtype": config.dtype,
-        "weight_dtype": config.weight_dtype,
-        "lm_head_dtype": head,
+        "weight_dtype": formats.projections,
+        "lm_head_dtype": formats.lm_head,
         "activation_quant": config.activation_quant,
+        "batch_invariant": config.batch_invariant,
     }
     return json.loads(json.dumps(identity, sort_keys=True))  # tuples -> lists, as on the wire
 

@@ -113,6 +113,16 @@ def test_kvwise_configs_cross_weight_and_kv_dtypes() -> None:
     assert configs["kvwise-int4-kvf16-a8"]["activation_quant"] == "int8"
     with pytest.raises(ConfigError, match="activation_quant"):
         kvwise_configs(argparse.Namespace(weight_dtypes="int4", activation_quants="int2"), {})
+    args = argparse.Namespace(weight_dtypes="auto,fp32", batch_invariant_modes="off,on")
+    configs = kvwise_configs(args, {})
+    assert list(configs) == ["kvwise-auto", "kvwise-auto-inv", "kvwise-fp32", "kvwise-fp32-inv"]
+    assert configs["kvwise-fp32-inv"] == {"weight_dtype": "fp32", "batch_invariant": True}
+    assert configs["kvwise-auto"]["batch_invariant"] is False
+    with pytest.raises(ConfigError, match="off or on"):
+        kvwise_configs(argparse.Namespace(batch_invariant_modes="yes"), {})
+    with pytest.raises(ConfigError, match="batch_invariant: needs"):  # refused before any load
+        kvwise_configs(argparse.Namespace(batch_invariant_modes="on"),
+                       {"attention_backend": "two_phase"})
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         kvwise_configs(argparse.Namespace(weight_dtypes=None, kv_cache_dtypes="fp8"), {})
 

@@ -274,3 +274,28 @@ def test_mismatched_imports_are_refused(engines, held_export):
     b.import_request(data)
     b.check_integrity()
     assert finish(b, "mm") == ref
+
+
+def test_model_identity_uses_the_resolved_weight_formats(tmp_path):
+    """`auto` on a Q4_1 GGUF is int4: an auto engine and an int4 one agree; fp32 does not, and
+    batch-invariant mode (other prefill numerics) is part of the identity."""
+    from kvwise.engine.model_setup import WeightFormats
+
+    @dataclasses.dataclass
+    class Arch:
+        num_layers: int = 2
+
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"0" * 10)
+    auto = transfer.model_identity(str(src), Arch(), EngineConfig(weight_dtype="auto"),
+                                   WeightFormats("int4", "int8"))
+    int4 = transfer.model_identity(str(src), Arch(), EngineConfig(weight_dtype="int4"),
+                                   WeightFormats("int4", "int8"))
+    fp32 = transfer.model_identity(str(src), Arch(), EngineConfig(weight_dtype="fp32"),
+                                   WeightFormats("fp32", "fp32"))
+    inv = transfer.model_identity(str(src), Arch(), EngineConfig(batch_invariant=True),
+                                  WeightFormats("int4", "int8"))
+    assert transfer.fingerprint(auto) == transfer.fingerprint(int4)
+    assert auto["weight_dtype"] == "int4" and auto["lm_head_dtype"] == "int8"
+    assert transfer.fingerprint(fp32) != transfer.fingerprint(auto)
+    assert transfer.fingerprint(inv) != transfer.fingerprint(auto)
