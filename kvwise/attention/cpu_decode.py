@@ -16,6 +16,9 @@ rows while it computes (fp16 cache: 0.86 -> 0.70 ms per layer).
 Invariants:
 - Each request is computed independently, in a fixed order per (head, lane), so a request's output
   does not depend on the batch it runs in (batch invariance) or on the thread count.
+- Per-head groups (FastGen): with K tables per request each KV head reads its own blocks and
+  length; a head's outputs are the bits of a one-table call over its table (tested). The next
+  request's rows are prefetched only with one table per request.
 - Preconditions (checked by `supported`): fp32 q [B, H, D] on CPU, head_dim % 16 == 0,
   contiguous caches [N*S, K, D] in fp32 or fp16 (`--kv-cache-dtype float16`: widened to fp32 as
   they are loaded, half the bytes read; all arithmetic stays fp32), or int8 codes with an fp16
@@ -155,11 +158,14 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
                    task, split):
     """Task `task` of `num_tasks`: request task // split, its KV heads part task % split.
     k_scale, v_scale [N*S, K] fp16 as uint16 for int8 caches (value = code * scale), [0, 0]
-    for dense ones."""
+    for dense ones. Tables per request G = len(lens) // B: 1 (every KV head reads table b,
+    lens[b]) or K (KV head h reads table b * K + h, lens[b * K + h]: per-head groups)."""
     b_count, h_count, d = q.shape
     k_count = k_cache.shape[1]
     group = h_count // k_count
-    nb = block_ids.shape[0] // b_count
+    g_count = lens.shape[0] // b_count
+    per_head = g_count > 1
+    nb = block_ids.shape[0] // (b_count * g_count)
     row = k_count * d  # elements per cache row (slot): every KV head of one position
     line = 64 // k_cache.itemsize  # elements per 64-byte cache line
     b = task // split
@@ -168,28 +174,33 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
     kh1 = (part + 1) * k_count // split
     h0 = kh0 * group
     hn = (kh1 - kh0) * group  # query heads of this task
-    n = lens[b]
-    base = np.empty(n, np.int64)  # flat offset of each position's cache row
-    pos = 0
-    blk = b * nb
-    while pos < n:  # block by block: no division per position
-        start = block_ids[blk] * block_size * row
-        for s in range(min(block_size, n - pos)):
-            base[pos + s] = start + s * row
-        pos += block_size
-        blk += 1
+    nt = kh1 - kh0 if per_head else 1  # tables this task reads
+    n = 0  # the longest of them (row stride of `scores`)
+    for ti in range(nt):
+        n = max(n, lens[b * g_count + (kh0 + ti if per_head else 0)])
+    base = np.empty((nt, n), np.int64)  # flat offset of each position's cache row, per table
+    for ti in range(nt):
+        gi = b * g_count + (kh0 + ti if per_head else 0)
+        n_t = lens[gi]
+        pos = 0
+        blk = gi * nb
+        while pos < n_t:  # block by block: no division per position
+            start = block_ids[blk] * block_size * row
+            for s in range(min(block_size, n_t - pos)):
+                base[ti, pos + s] = start + s * row
+            pos += block_size
+            blk += 1
     quant = k_scale.shape[0] > 0
     # int8 caches: one more row holds a KV head's scale per position (no extra allocation)
     scores = np.empty((hn + 1 if quant else hn, n), np.float32)
     tok_scale = scores[hn if quant else 0]
     sc = vsplat(scale)
-    n16 = n // 16 * 16
     # While this request computes, prefetch the next one's rows (the next task on this
     # thread): its K lines spread over the score chunks, its V lines in a burst per KV head
     # before P.V. The cache is read once, from DRAM, and without this the core waits on
     # it (64 requests x 192 positions, fp16: 0.86 -> 0.70 ms per layer; fp32, with K
-    # prefetched at half that rate: 1.23 -> 1.25, unchanged).
-    nxt = b + 1 if split == 1 and b + 1 < b_count else -1
+    # prefetched at half that rate: 1.23 -> 1.25, unchanged). One table per request only.
+    nxt = b + 1 if split == 1 and b + 1 < b_count and not per_head else -1
     pf_blk = 0
     pf_off = 0
     pf_per = 0
@@ -198,11 +209,14 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
     if nxt >= 0:
         n_next = lens[nxt]
         lines = 2 * ((n_next * row + line - 1) // line)  # K and V lines of the next request
-        pf_per = lines // 2 // max(1, (n16 // 16) * hn) // max(1, k_cache.itemsize // 2) + 1
+        pf_per = lines // 2 // max(1, (n // 16) * hn) // max(1, k_cache.itemsize // 2) + 1
     for kh in range(kh0, kh1):
         kd = kh * d
+        bk = base[kh - kh0 if per_head else 0]
+        nk = lens[b * g_count + (kh if per_head else 0)]
+        n16 = nk // 16 * 16
         if quant:
-            _token_scales(k_scale, base, row, k_count, kh, n, tok_scale)
+            _token_scales(k_scale, bk, row, k_count, kh, nk, tok_scale)
         for g in range(group):
             j = kh * group + g - h0
             qo = (b * h_count + kh * group + g) * d
@@ -212,41 +226,42 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
                                                      n_next, block_size, row, line, pf_blk,
                                                      pf_off, pf_per)
                 r = vsum16(
-                    _dot(q, qo, k_cache, base[c0] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 1] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 2] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 3] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 4] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 5] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 6] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 7] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 8] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 9] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 10] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 11] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 12] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 13] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 14] + kd, d),
-                    _dot(q, qo, k_cache, base[c0 + 15] + kd, d))
+                    _dot(q, qo, k_cache, bk[c0] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 1] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 2] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 3] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 4] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 5] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 6] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 7] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 8] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 9] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 10] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 11] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 12] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 13] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 14] + kd, d),
+                    _dot(q, qo, k_cache, bk[c0 + 15] + kd, d))
                 vstore(scores, j * n + c0, vmul(r, sc))
-            for pos in range(n16, n):
-                scores[j, pos] = vsum(_dot(q, qo, k_cache, base[pos] + kd, d)) * scale
+            for pos in range(n16, nk):
+                scores[j, pos] = vsum(_dot(q, qo, k_cache, bk[pos] + kd, d)) * scale
             if quant:  # q . (codes * s) = (q . codes) * s
-                for pos in range(n):
+                for pos in range(nk):
                     scores[j, pos] *= tok_scale[pos]
     inv = np.empty(hn, np.float32)
     for j in range(hn):
+        nj = lens[b * g_count + (kh0 + j // group if per_head else 0)]
         m = scores[j, 0]
-        for pos in range(1, n):
+        for pos in range(1, nj):
             m = max(m, scores[j, pos])
         total = np.float32(0.0)
         mv = vsplat(m)
-        body = n // 16 * 16
+        body = nj // 16 * 16
         for pos in range(0, body, 16):  # 16 exponentials per vector op (simd.vexp)
             e = vexp(vsub(vload(scores, j * n + pos), mv))
             vstore(scores, j * n + pos, e)
             total += vsum(e)
-        for pos in range(body, n):
+        for pos in range(body, nj):
             e = np.exp(scores[j, pos] - m)
             scores[j, pos] = e
             total += e
@@ -254,11 +269,13 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
     ob = (b * h_count + h0) * d
     d64 = d // 64 * 64
     for kh in range(kh0, kh1):
+        bk = base[kh - kh0 if per_head else 0]
+        nk = lens[b * g_count + (kh if per_head else 0)]
         if quant:  # fold the value scales into the (already normalised-by-inv) weights
-            _token_scales(v_scale, base, row, k_count, kh, n, tok_scale)
+            _token_scales(v_scale, bk, row, k_count, kh, nk, tok_scale)
             for g1 in range(group):
                 j = kh * group + g1 - h0
-                for pos in range(n):
+                for pos in range(nk):
                     scores[j, pos] *= tok_scale[pos]
         if nxt >= 0:  # the next request's V rows, a third per KV head
             pf_blk, pf_off = _prefetch_lines(k_cache, v_cache, block_ids, nxt * nb,
@@ -268,7 +285,7 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
         while g + 3 <= group:  # three query heads share each V load (GQA)
             j = kh * group + g - h0
             for i in range(0, d64, 64):
-                _pv3(scores, v_cache, base, n, j, kh * d + i, inv, out, ob + j * d + i, d)
+                _pv3(scores, v_cache, bk, nk, j, kh * d + i, inv, out, ob + j * d + i, d)
             g += 3
         for g1 in range(g, group):
             j = kh * group + g1 - h0
@@ -279,9 +296,9 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
                 a1 = vzero()
                 a2 = vzero()
                 a3 = vzero()
-                for pos in range(n):
+                for pos in range(nk):
                     p = vsplat(scores[j, pos])
-                    vo = base[pos] + kh * d + i
+                    vo = bk[pos] + kh * d + i
                     a0 = vfma(p, vload_kv(v_cache, vo), a0)
                     a1 = vfma(p, vload_kv(v_cache, vo + 16), a1)
                     a2 = vfma(p, vload_kv(v_cache, vo + 32), a2)
@@ -294,9 +311,9 @@ def attention_task(q, k_cache, v_cache, k_scale, v_scale, block_ids, lens, block
             j = kh * group + g1 - h0
             for i in range(d64, d, 16):
                 a0 = vzero()
-                for pos in range(n):
+                for pos in range(nk):
                     a0 = vfma(vsplat(scores[j, pos]),
-                              vload_kv(v_cache, base[pos] + kh * d + i), a0)
+                              vload_kv(v_cache, bk[pos] + kh * d + i), a0)
                 vstore(out, ob + j * d + i, vmul(a0, vsplat(inv[j])))
 
 
@@ -333,7 +350,10 @@ def supported(q: torch.Tensor) -> bool:
 def decode_attention(q: torch.Tensor, kv: KernelKV, block_ids: torch.Tensor,
                      context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, H, D]; kv one layer's kernel arrays (caches [N*S, K, D] fp32, fp16 or int8 with
-    scales); block_ids [B*nb] long; context_lens [B] long -> [B, H, D] fp32."""
+    scales); block_ids [B*G*nb] long; context_lens [B*G] long, each >= 1 -> [B, H, D] fp32.
+    G = 1: one table per request for all its KV heads; G = K: per-head groups, KV head h of
+    request b reads table b*K + h (a dense request in such a batch repeats its table K times,
+    which gives the bits of G = 1)."""
     assert supported(q)
     q = q.contiguous()
     out = torch.empty_like(q)
