@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import os
 import shlex
 import sys
@@ -99,29 +100,27 @@ def kvwise_configs(args: argparse.Namespace, engine_kwargs: dict[str, Any]
     for aq in aqs:
         EngineConfig.from_kwargs(weight_dtype="int4", activation_quant=aq)
     configs: dict[str, dict[str, Any]] = {}
-    for w in weights or [None]:
-        for kv in kvs or [None]:
-            for aq in aqs or [None]:
-                kwargs, name = dict(engine_kwargs), "kvwise"
-                if w is not None:
-                    kwargs["weight_dtype"], name = w, f"{name}-{w}"
-                if aq is not None:
-                    if aq != "none" and kwargs.get("weight_dtype") != "int4":
-                        continue  # int8 activations are an int4 kernel mode
-                    kwargs["activation_quant"] = aq
-                if kv is not None:
-                    kwargs["kv_cache_dtype"] = kv
-                    if kv != "auto":
-                        name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
-                if aq not in (None, "none"):
-                    name = f"{name}-a{aq.removeprefix('int')}"
-                for bi in bis or [None]:
-                    kw, nm = dict(kwargs), name
-                    if bi is not None:
-                        kw["batch_invariant"] = bi == "on"
-                        nm = f"{name}-inv" if bi == "on" else name
-                    EngineConfig.from_kwargs(**kw)  # validate all before any model loads
-                    configs[nm] = kw
+    for w, kv, aq, bi in itertools.product(weights or [None], kvs or [None], aqs or [None],
+                                           bis or [None]):
+        kwargs, name = dict(engine_kwargs), "kvwise"
+        if w is not None:
+            kwargs["weight_dtype"], name = w, f"{name}-{w}"
+        if aq not in (None, "none") and kwargs.get("weight_dtype") != "int4":
+            continue  # int8 activations are an int4 kernel mode
+        if aq is not None:
+            kwargs["activation_quant"] = aq
+        if kv is not None:
+            kwargs["kv_cache_dtype"] = kv
+            if kv != "auto":
+                name = f"{name}-kv{_KV_SHORT.get(kv, kv)}"
+        if aq not in (None, "none"):
+            name = f"{name}-a{aq.removeprefix('int')}"
+        if bi is not None:
+            kwargs["batch_invariant"] = bi == "on"
+            if bi == "on":
+                name = f"{name}-inv"
+        EngineConfig.from_kwargs(**kwargs)  # validate all before any model loads
+        configs[name] = kwargs
     return configs
 
 

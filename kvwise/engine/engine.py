@@ -120,8 +120,7 @@ class LLMEngine:
         except ValueError as e:
             raise ConfigError(str(e), "attention_backend") from None
         self.model.set_batch_invariant(config.batch_invariant)
-        self.runner = ModelRunner(self.model, self.kv_store, backend, self.device,
-                                  config.batch_invariant)
+        self.runner = ModelRunner(self.model, self.kv_store, backend, self.device)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.groups: dict[str, _Group] = {}
         self.prompt_tokens_total = 0

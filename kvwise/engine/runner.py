@@ -46,9 +46,8 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVStore, backend: AttentionBackend,
-                 device: torch.device, batch_invariant: bool = False) -> None:
+                 device: torch.device) -> None:
         self.model = model
-        self.batch_invariant = batch_invariant  # prefill rows as decode queries (row_* metadata)
         self.kv = kv
         self.backend = backend
         self.device = device
@@ -83,7 +82,7 @@ class ModelRunner:
             slots.extend(table[j // s] * s + j % s for j in range(first, ctx))
             tables.append(table)
             ctx_lens.append(ctx)
-            if self.batch_invariant:
+            if self.model.batch_invariant:  # prefill rows as decode queries (row_* metadata)
                 row_lens.extend(range(first + 1, ctx + 1))
                 row_plan.extend([row] * n)
             if n == 1 and not prefills:
@@ -115,8 +114,8 @@ class ModelRunner:
         if num_decode:
             lens = ctx_lens[:num_decode]
             nb = (max(lens) + s - 1) // s
-            padded = [b for t in tables[:num_decode] for b in t[:nb] + [0] * (nb - len(t[:nb]))]
-            decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [Bd * nb]
+            decode_blocks = torch.tensor(_padded(tables[:num_decode], nb), dtype=torch.long,
+                                         device=dev)  # [Bd * nb]
             decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)  # [Bd]
             decode_mask = torch.arange(nb * s, device=dev)[None, :] < decode_lens[:, None]
             decode_mask = decode_mask[:, None, None, :]  # [Bd, 1, 1, nb * S]
@@ -125,10 +124,9 @@ class ModelRunner:
             num_decode_tokens=num_decode, decode_block_ids=decode_blocks, decode_mask=decode_mask,
             decode_context_lens=decode_lens, prefills=prefills, block_size=s,
             block_tables=tables, context_lens=ctx_lens)
-        if self.batch_invariant and prefills:
+        if row_plan and prefills:
             nb = (max(row_lens) + s - 1) // s
-            padded_tables = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]
-            meta.row_block_ids = torch.tensor([b for r in row_plan for b in padded_tables[r]],
+            meta.row_block_ids = torch.tensor(_padded([tables[r] for r in row_plan], nb),
                                               dtype=torch.long, device=dev)  # [T * nb]
             meta.row_context_lens = torch.tensor(row_lens, dtype=torch.long, device=dev)  # [T]
         if self._prepare_backend is not None:
@@ -145,3 +143,8 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv, inputs.meta,
                           self.backend, inputs.logits_indices)
 
+
+
+def _padded(tables: list[list[int]], nb: int) -> list[int]:
+    """The tables' first nb block ids each, padded with block 0 (masked out), concatenated."""
+    return [b for t in tables for b in t[:nb] + [0] * (nb - len(t[:nb]))]

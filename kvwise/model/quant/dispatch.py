@@ -147,14 +147,14 @@ def restore_shape(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-FUSED_CHUNK = 64  # tokens per fused-kernel call for large T in batch-invariant mode
+FUSED_CHUNK = 64  # tokens per fused-kernel call (large T only in batch-invariant mode)
 
 
 def fused_rows(x: torch.Tensor, out_features: int,
                kernel: Callable[[np.ndarray, np.ndarray], None]) -> torch.Tensor:
-    """x fp32 [T, K] -> [T, N] through `kernel(x_chunk, out_chunk)` (a fused int4/int8 matmul)
-    FUSED_CHUNK tokens at a time (their activations stay in cache); each row's value depends
-    only on that row, so chunking changes no bits."""
+    """x fp32 [T, K] -> [T, N] through `kernel(x_chunk, out_chunk)` (a fused int4/int8
+    matmul), FUSED_CHUNK tokens at a time (their activations stay in cache; T <= SMALL_BATCH_MAX
+    is one call); each row's value depends only on that row, so chunking changes no bits."""
     out = torch.empty(x.shape[0], out_features)
     for t0 in range(0, x.shape[0], FUSED_CHUNK):
         kernel(x[t0:t0 + FUSED_CHUNK].numpy(), out[t0:t0 + FUSED_CHUNK].numpy())

@@ -62,11 +62,7 @@ class Int4Linear(QuantLinear):
             return reference.int4_linear(x, self.qweight, self.scale, self.minv, self.bias)
         x2 = self._cpu_input(x)  # [T, K]
         q, scale, minv, bias = self._arrays
-        if x2.shape[0] <= SMALL_BATCH_MAX:
-            out = torch.empty(x2.shape[0], self.out_features)
-            kernels.int4_matmul(x2.numpy(), q, scale, minv, bias, out.numpy(),
-                                a8=self.workspace.act_int8)
-        elif self.workspace.row_invariant:
+        if x2.shape[0] <= SMALL_BATCH_MAX or self.workspace.row_invariant:
             a8 = self.workspace.act_int8
             out = fused_rows(x2, self.out_features, lambda xc, oc: kernels.int4_matmul(
                 xc, q, scale, minv, bias, oc, a8=a8))

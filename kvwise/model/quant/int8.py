@@ -59,10 +59,7 @@ class Int8Linear(QuantLinear):
             return reference.int8_linear(x, self.qweight, self.scale, self.bias)
         x2 = self._cpu_input(x)  # [T, K]
         q, scale, bias = self._arrays
-        if x2.shape[0] <= SMALL_BATCH_MAX:
-            out = torch.empty(x2.shape[0], self.out_features)
-            kernels.int8_matmul(x2.numpy(), q, scale, bias, out.numpy())
-        elif self.workspace.row_invariant:
+        if x2.shape[0] <= SMALL_BATCH_MAX or self.workspace.row_invariant:
             out = fused_rows(x2, self.out_features,
                              lambda xc, oc: kernels.int8_matmul(xc, q, scale, bias, oc))
         elif self.weight_bf16 is not None:

@@ -23,7 +23,8 @@ from kvwise.scheduler.scheduler import scores_prompt
 
 def _runner() -> ModelRunner:
     kv = SimpleNamespace(block_size=4)
-    return ModelRunner(None, kv, SimpleNamespace(), torch.device("cpu"))  # type: ignore[arg-type]
+    model = SimpleNamespace(batch_invariant=False)
+    return ModelRunner(model, kv, SimpleNamespace(), torch.device("cpu"))  # type: ignore[arg-type]
 
 
 def _req(rid: str, num_prompt: int, computed: int, prompt_logprobs=None, index: int = 0):
