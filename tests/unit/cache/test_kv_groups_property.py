@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvwise.cache.kv_manager import KVManager
-from kvwise.errors import OutOfBlocksError
+from tests.unit.cache.refusals import assert_refused_unchanged
 
 Key = tuple[Optional[str], tuple[int, ...]]
 
@@ -126,14 +126,8 @@ class KVGroupsMachine(RuleBasedStateMachine):
         if target == req.num_computed:
             return True
         if not self.m.can_allocate(req_id, target):
-            before = self._snapshot()
-            try:
-                self.m.allocate(req_id, target)
-            except OutOfBlocksError:
-                pass
-            else:
-                raise AssertionError("allocate succeeded although can_allocate said no")
-            assert self._snapshot() == before
+            assert_refused_unchanged(self._snapshot, lambda: self.m.allocate(req_id, target),
+                                     "allocate")
             event("out of blocks")
             return False
         free_planes = self.m.pool.num_free_planes
@@ -170,14 +164,8 @@ class KVGroupsMachine(RuleBasedStateMachine):
     def _compact(self, req_id: str, group: int) -> None:
         req = self.reqs[req_id]
         if not self.m.can_compact(req_id, group):
-            before = self._snapshot()
-            try:
-                self.m.compact(req_id, group)
-            except OutOfBlocksError:
-                pass
-            else:
-                raise AssertionError("compact succeeded although can_compact said no")
-            assert self._snapshot() == before
+            assert_refused_unchanged(self._snapshot, lambda: self.m.compact(req_id, group),
+                                     "compact")
             event("compaction out of blocks")
             return
         plan = self.m.compact(req_id, group)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvwise.cache.kv_manager import KVManager
-from kvwise.errors import OutOfBlocksError
+from tests.unit.cache.refusals import assert_refused_unchanged
 
 Key = tuple[Optional[str], tuple[int, ...]]
 
@@ -153,14 +153,8 @@ class KVManagerMachine(RuleBasedStateMachine):
         if target == req.num_computed:
             return True
         if not self.m.can_allocate(req_id, target):
-            before = self._snapshot()
-            try:
-                self.m.allocate(req_id, target)
-            except OutOfBlocksError:
-                pass
-            else:
-                raise AssertionError("allocate succeeded although can_allocate said no")
-            assert self._snapshot() == before
+            assert_refused_unchanged(self._snapshot, lambda: self.m.allocate(req_id, target),
+                                     "allocate")
             event("out of blocks")
             return False
         others = {b for r in self.reqs if r != req_id for b in self.m.block_table(r)}
