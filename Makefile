@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 THREADS ?= 2
 
-.PHONY: install run test serve peers bench lint clean
+.PHONY: install run test serve peers bench calibration lint clean
 
 # One line per install step; pip's whole output goes to $(INSTALL_LOG). A failing step prints
 # the log's last lines and fails the make (the function's `exit` ends that recipe line's shell).
@@ -53,11 +53,22 @@ serve: install
 
 # Peers for benchmarks (never run by CI): llama.cpp via llama-cpp-python compiles for ~20 min.
 peers: install
-	$(PIP) install -q "llama-cpp-python>=0.3" transformers accelerate
+	$(PIP) install -q "llama-cpp-python>=0.3" optimum-quanto transformers accelerate
 
 bench: install
 	$(VENV)/bin/kvwise bench latency --threads $(THREADS)
 	$(VENV)/bin/kvwise bench throughput --threads $(THREADS)
+
+# The KVQuant calibration shipped for the bundled model (kvwise/data/kvquant/): Debian's license
+# texts, a text no evaluation in BENCHMARKS.md uses. ~10 min on 2 cores.
+CALIB_TEXT = /tmp/kvwise-calibration-text.txt
+CALIB_FORMATS = nuq4,nuq4-1%,nuq3,nuq3-1%,nuq2,nuq2-1%,int4,int4-1%,int3,int3-1%,int2,int2-1%
+calibration: install
+	for f in $$(ls /usr/share/common-licenses | sort); do \
+		[ -L /usr/share/common-licenses/$$f ] || cat /usr/share/common-licenses/$$f; done > $(CALIB_TEXT)
+	$(VENV)/bin/kvwise calibrate --model smollm2-135m --kv-cache-dtype '$(CALIB_FORMATS)' \
+		--text-file $(CALIB_TEXT) --num-samples 16 --context-len 2048 --seed 0 --threads $(THREADS) \
+		--output kvwise/data/kvquant/smollm2-135m.json
 
 lint: install
 	$(VENV)/bin/ruff check kvwise tests

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
 from kvwise.errors import ConfigError
+from kvwise.kv_names import parse_format_name
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -66,7 +67,9 @@ class EngineConfig:
     attention_backend: str = "paged"
     weight_dtype: str = "auto"  # decoder projections: auto | fp32 | int8 | int4 (weight-only)
     lm_head_dtype: Optional[str] = None  # None: the projections' format, but int8 for int4
-    kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16 | int8
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | float32 | float16 | bfloat16 | int8 | nuq3...
+    kv_quant_calibration: Optional[str] = None  # KVQuant tables (None: the bundled model's own)
+    kv_quant_sink: int = 1  # KVQuant: first tokens kept in fp16 (attention sink)
     activation_quant: str = "none"  # none | int8: int4 layers' CPU decode kernels take int8 inputs
     kv_compression: str = "none"  # none | streaming (a request may override it)
     sink_tokens: int = 4  # streaming: first tokens always kept (attention sinks)
@@ -106,8 +109,20 @@ class EngineConfig:
             raise bad("lm_head_dtype",
                       f"must be one of {WEIGHT_FORMATS}, got {self.lm_head_dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise bad("kv_cache_dtype",
-                      f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+            try:
+                kvquant = parse_format_name(self.kv_cache_dtype)
+            except ValueError as e:
+                raise bad("kv_cache_dtype", str(e).split(": ", 1)[-1]) from None
+            if kvquant is None or kvquant.name != self.kv_cache_dtype:
+                raise bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES} or a KVQuant "
+                          f"format (nuq4, nuq3-1%, int2, ...), got {self.kv_cache_dtype!r}")
+        if not 0 <= self.kv_quant_sink <= self.block_size:
+            raise bad("kv_quant_sink", f"must be within 0..block_size ({self.block_size}), got "
+                      f"{self.kv_quant_sink}")
+        if self.kvquant and self.kv_compression != "none":
+            raise bad("kv_compression", f"{self.kv_compression} cannot run with kv_cache_dtype="
+                      f"{self.kv_cache_dtype} yet (evicting rows of quantized blocks is not "
+                      "supported)")
         if self.activation_quant not in ACTIVATION_QUANTS:
             raise bad("activation_quant",
                       f"must be one of {ACTIVATION_QUANTS}, got {self.activation_quant!r}")
@@ -128,9 +143,15 @@ class EngineConfig:
                 if got != want:
                     raise bad("batch_invariant", f"needs {name}={want} (its row-invariant "
                               f"kernels are the CPU fp32 paged ones), got {name}={got!r}")
-            if self.resolved_kv_cache_dtype == "bfloat16":
+            if self.resolved_kv_cache_dtype == "bfloat16" or self.kvquant:
                 raise bad("batch_invariant", "needs a KV format the CPU attention kernel reads "
-                          "(float32, float16, int8), got kv_cache_dtype=bfloat16")
+                          f"(float32, float16, int8), got kv_cache_dtype="
+                          f"{self.resolved_kv_cache_dtype}")
+
+    @property
+    def kvquant(self) -> bool:
+        """Whether the KV format is one of KVQuant's (nuq*/int4/int3/int2)."""
+        return self.kv_cache_dtype not in KV_CACHE_DTYPES
 
     @property
     def resolved_kv_cache_dtype(self) -> str:
@@ -175,7 +196,14 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("kv_cache_dtype", str, "KV cache format: auto (= --dtype) | float32 | float16 | bfloat16 | "
                             "int8; float16 halves the bytes decode attention reads, int8 "
                             "(per token and KV head, fp16 scales) takes 0.26x of float32 (math "
-                            "stays in --dtype)"),
+                            "stays in --dtype); KVQuant: nuq4 | nuq3 | nuq2 (calibrated "
+                            "non-uniform), int4 | int2 (uniform), each optionally with "
+                            "dense-and-sparse outliers, e.g. nuq3-1%% (keys per channel before "
+                            "RoPE, values per token)"),
+    ("kv_quant_calibration", str, "KVQuant calibration file from `kvwise calibrate` (default: "
+                                  "the one shipped for the bundled model)"),
+    ("kv_quant_sink", int, "KVQuant: first tokens of a request kept in fp16 (attention sink; "
+                           "default 1, 0 = off)"),
     ("activation_quant", str, "none | int8: int4 layers round each decode step's activations "
                               "to int8 per 32 values and use integer dot products (CPU; "
                               "llama.cpp's Q8 activations)"),

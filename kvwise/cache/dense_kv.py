@@ -13,6 +13,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kvwise.cache.kv_store import (
@@ -39,8 +41,8 @@ class DenseKV(KVStore):
     def token_head_bytes(cls, head_dim: int) -> int:
         return 2 * head_dim * torch.empty((), dtype=cls.storage_dtype).element_size()
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         ks, vs = k.to(self.storage_dtype), v.to(self.storage_dtype)
         self.k[layer].index_copy_(0, slots, ks)
         self.v[layer].index_copy_(0, slots, vs)

@@ -18,6 +18,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kvwise.cache.kv_store import KVStore, ModelShape, register_format
@@ -48,8 +50,8 @@ class Int8KV(KVStore):
     def token_head_bytes(cls, head_dim: int) -> int:
         return 2 * (head_dim + 2)  # K and V: D int8 codes + one fp16 scale each
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[0]
         kern = self.kernel_layer(layer)
         if kern is not None and t <= KERNEL_WRITE_MAX_TOKENS and k.dtype == torch.float32:

@@ -95,16 +95,20 @@ class KVManager:
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
         on_seal: Optional[Callable[[list[int]], None]] = None, num_planes: int = 1,
+        on_free: Optional[Callable[[list[int]], None]] = None,
     ) -> None:
         """`on_seal(block_ids)` is called by `commit` with the blocks of a request that became
         full (immutable from then on), in table order, once per block and request: the KV
         format's hook (quantize-on-seal, offload, send). Prefix-hit blocks arrive sealed.
-        `num_planes` = L*K planes per block; a request may have that many groups."""
+        `num_planes` = L*K planes per block; a request may have that many groups.
+        `on_free(block_ids)` is called when blocks return to the free list (the format's hook
+        to drop per-block side state)."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._on_seal = on_seal
+        self._on_free = on_free
         self.pool = BlockPool(num_blocks, num_planes)
         self._access = PoolAccess(self.pool, block_size, self._take_blocks, self._release,
                                   self._release_adopted)
@@ -514,7 +518,10 @@ class KVManager:
         """
         if self.pool.num_used_blocks > 0 or self.pool.num_split_blocks > 0:
             return False
-        self.pool.release(self.tree.evict_all())
+        evicted = self.tree.evict_all()
+        self.pool.release(evicted)
+        if self._on_free is not None:
+            self._on_free(evicted)
         return True
 
     # -- helpers -----------------------------------------------------------------------------
@@ -583,6 +590,8 @@ class KVManager:
         node = self.tree.node_of_block(block_id)
         if node is None:
             self.pool.release([block_id])
+            if self._on_free is not None:
+                self._on_free([block_id])
         elif node.pin_count == 0:
             self.tree.push_evictable(block_id)
 

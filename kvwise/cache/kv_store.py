@@ -109,6 +109,7 @@ class KVStore:
 
     name: str = ""
     pre_rope: bool = False  # whether keys are stored before RoPE (see module docstring)
+    takes_options: bool = False  # whether the constructor takes make_kv_store's options
 
     def __init__(self, shape: ModelShape, num_blocks: int, block_size: int,
                  compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -136,6 +137,22 @@ class KVStore:
         """Bytes one block takes across all layers, K and V."""
         return (shape.num_layers * block_size * shape.num_kv_heads
                 * cls.token_head_bytes(shape.head_dim))
+
+    @classmethod
+    def reserved_bytes(cls, shape: ModelShape, block_size: int, max_num_seqs: int,
+                       sink_tokens: int) -> int:
+        """Bytes the format keeps beside its blocks (side pools), taken from the KV budget
+        before it is divided into blocks; 0 for formats without side storage."""
+        return 0
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes held beside the blocks now (see reserved_bytes)."""
+        return 0
+
+    def release(self, block_ids: list[int]) -> None:
+        """The KV manager freed these blocks (their rows will be rewritten by a new owner):
+        the hook for formats keeping per-block side state. Nothing for the formats here."""
 
     def _rows_shape(self) -> tuple[int, int]:
         return self.num_layers, self.num_blocks * self.block_size
@@ -168,10 +185,11 @@ class KVStore:
 
     # -- writing and reading -----------------------------------------------------------------
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots [T] long; k, v [T, K, D] compute dtype (k rotated unless `pre_rope`) -> stored
-        at those rows of layer `layer`; returns k, v [T, K, D] as a reader will see them."""
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [T] long; k, v [T, K, D] compute dtype (k rotated unless `pre_rope`; then
+        `positions` [T] are required) -> stored at those rows of layer `layer`; returns k
+        (rotated), v [T, K, D] as a reader will see them."""
         raise NotImplementedError
 
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,14 +265,23 @@ def _block_rows_t(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 
 _FORMATS: dict[str, Callable[..., KVStore]] = {}
 _CLASSES: dict[str, type[KVStore]] = {}
+# formats named by a pattern (e.g. KVQuant's nuq3-1%): description -> resolver(name) that
+# returns the class of a name it owns, None for other names, or raises ValueError for a bad one
+_FAMILIES: dict[str, Callable[[str], Optional[type[KVStore]]]] = {}
 
 
 def register_format(name: str, cls: type[KVStore],
                     factory: Optional[Callable[..., KVStore]] = None) -> None:
     """Register a format class under `name`; `factory(shape, num_blocks, block_size,
-    compute_dtype, device)` builds it (default: the class itself)."""
+    compute_dtype, device, **options)` builds it (default: the class itself)."""
     _CLASSES[name] = cls
     _FORMATS[name] = factory or cls
+
+
+def register_format_family(description: str,
+                           resolver: Callable[[str], Optional[type[KVStore]]]) -> None:
+    """Register formats named by a pattern; the resolved class is its own factory."""
+    _FAMILIES[description] = resolver
 
 
 def available_formats() -> list[str]:
@@ -262,16 +289,27 @@ def available_formats() -> list[str]:
 
 
 def format_class(name: str) -> type[KVStore]:
-    if name not in _CLASSES:
-        raise ValueError(f"kv_cache_dtype: unknown {name!r}; known: {available_formats()}")
-    return _CLASSES[name]
+    if name in _CLASSES:
+        return _CLASSES[name]
+    for resolver in _FAMILIES.values():
+        cls = resolver(name)
+        if cls is not None:
+            return cls
+    raise ValueError(f"kv_cache_dtype: unknown {name!r}; known: {available_formats()} and "
+                     f"{', '.join(_FAMILIES)}")
 
 
 def make_kv_store(name: str, shape: ModelShape, num_blocks: int, block_size: int,
-                  compute_dtype: torch.dtype, device: torch.device) -> KVStore:
-    format_class(name)  # the error for an unknown name
-    return _FORMATS[name](shape, num_blocks, block_size, compute_dtype, device)
+                  compute_dtype: torch.dtype, device: torch.device, **options: object
+                  ) -> KVStore:
+    """Build a format's store; `options` go to formats that take them (KVQuant: calibration,
+    sink_tokens, rope, max_num_seqs) and are ignored by the others."""
+    cls = format_class(name)  # the error for an unknown name
+    factory = _FORMATS.get(name, cls)
+    if not getattr(cls, "takes_options", False):
+        return factory(shape, num_blocks, block_size, compute_dtype, device)
+    return factory(shape, num_blocks, block_size, compute_dtype, device, **options)
 
 
 # The built-in formats register themselves; imported last because they subclass KVStore.
-from kvwise.cache import dense_kv, int8_kv  # noqa: E402, F401
+from kvwise.cache import dense_kv, int8_kv, kvquant_kv  # noqa: E402, F401

@@ -33,9 +33,9 @@ import torch
 from kvwise.attention import get_backend
 from kvwise.cache.compress import CompressionPolicy, make_policy
 from kvwise.cache.kv_manager import KVManager
-from kvwise.cache.kv_store import format_class, make_kv_store
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
+from kvwise.engine.kv_setup import build_kv_store
 from kvwise.engine.model_setup import build_model
 from kvwise.engine.runner import ModelRunner, PromptSpan
 from kvwise.engine.transfer import RequestExport
@@ -98,21 +98,11 @@ class LLMEngine:
             raise ConfigError(
                 f"max_model_len: {self.max_model_len} exceeds the model's context length "
                 f"{mc.max_position_embeddings}", "max_model_len")
-        try:
-            kv_format = format_class(config.resolved_kv_cache_dtype)
-        except ValueError as e:
-            raise ConfigError(str(e), "kv_cache_dtype") from None
-        self.kv_bytes_per_block = kv_format.block_bytes(mc, config.block_size)
-        num_blocks = config.num_blocks or config.kv_cache_bytes // self.kv_bytes_per_block
-        if num_blocks < 1:
-            raise ConfigError(
-                f"kv_cache_memory: {config.kv_cache_memory} holds no block of "
-                f"{self.kv_bytes_per_block} bytes", "kv_cache_memory")
-        self.num_blocks = num_blocks
-        self.kv_store = make_kv_store(kv_format.name, mc, num_blocks, config.block_size, dtype,
-                                      self.device)
-        self.kv_manager = KVManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                    on_seal=self.kv_store.seal)
+        self.kv_store, self.num_blocks, self.kv_bytes_per_block = build_kv_store(
+            config, mc, self.model, dtype, self.device)
+        self.kv_manager = KVManager(self.num_blocks, config.block_size,
+                                    config.enable_prefix_caching, on_seal=self.kv_store.seal,
+                                    on_free=self.kv_store.release)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         try:
@@ -181,6 +171,10 @@ class LLMEngine:
             raise InvalidRequestError("window_tokens: is required with kv_compression="
                                       "streaming (per request or --window-tokens)",
                                       "window_tokens")
+        if name != "none" and cfg.kvquant:
+            raise InvalidRequestError(f"kv_compression: {name} cannot run with kv_cache_dtype="
+                                      f"{cfg.kv_cache_dtype} yet (evicting rows of quantized "
+                                      "blocks is not supported)", "kv_compression")
         return make_policy(name, sink, window, cfg.block_size)
 
     def _compress(self, plan_requests: list[Request]) -> None:
@@ -291,6 +285,9 @@ class LLMEngine:
             export = data
         else:
             export = transfer.from_bytes(data)
+        if self.config.kvquant:
+            raise TransferError(f"kv_cache_dtype: importing into a {self.config.kv_cache_dtype} "
+                                "KV cache is not supported yet", "kv_cache_dtype")
         transfer.check_compatible(export, kv_format=self._kv_format_name(),
                                   block_size=self.config.block_size,
                                   model=self._model_identity())
@@ -338,6 +335,10 @@ class LLMEngine:
             raise TransferError(f"prompt_logprobs: {request_id!r} scores its prompt; its prompt "
                                 "logprobs stay with this engine, so it cannot be exported",
                                 "prompt_logprobs")
+        if self.config.kvquant:
+            raise TransferError(f"kv_cache_dtype: exporting a request stored as "
+                                f"{self.config.kv_cache_dtype} is not supported yet",
+                                "kv_cache_dtype")
         if req.kv_policy is not None:
             raise TransferError(f"kv_compression: {request_id!r} compresses its KV "
                                 f"({req.kv_policy.name}); exporting a compressed request is "
@@ -577,6 +578,11 @@ class LLMEngine:
         return {
             **kv,
             "kv_bytes_per_block": self.kv_bytes_per_block,
+            # bytes of KV held now: used blocks plus the format's side storage (KVQuant's fp16
+            # open tails and sinks)
+            "kv_bytes_used": kv["num_blocks_used"] * self.kv_bytes_per_block
+            + self.kv_store.side_bytes,
+            "kv_side_bytes": self.kv_store.side_bytes,
             "kv_usage": kv["num_blocks_used"] / self.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),

@@ -139,9 +139,24 @@ class LlamaModel(nn.Module):
                                self.cfg.num_heads, q.numpy(), kern.k, kern.v,
                                meta.slot_mapping.numpy())
             return q, None, None
+        if kv.pre_rope:  # the format keeps keys before RoPE and rotates them on read
+            q = self._rope_queries(qkv, positions, tables)  # [T, H, D]
+            qk_size = layer.q_size + layer.kv_size
+            shape = (t, self.cfg.num_kv_heads, self.cfg.head_dim)
+            k, v = qkv[:, layer.q_size:qk_size].reshape(shape), qkv[:, qk_size:].reshape(shape)
+            k, v = kv.write(i, meta.slot_mapping, k, v, positions)  # k rotated, as read back
+            return q, k, v
         q, k, v = self._rope(qkv, positions, tables, layer)  # [T, H, D], [T, K, D] x 2
         k, v = kv.write(i, meta.slot_mapping, k, v)  # as a reader of the store will see them
         return q, k, v
+
+    def _rope_queries(self, qkv: torch.Tensor, positions: torch.Tensor,
+                      tables: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """-> q [T, H, D] rotated (for formats that rotate keys themselves)."""
+        t, d = qkv.shape[0], self.cfg.head_dim
+        q = qkv[:, :self.cfg.num_heads * d].reshape(t, self.cfg.num_heads, d)
+        cos, sin = tables if tables is not None else (self.cos[positions], self.sin[positions])
+        return apply_rope(q, cos, sin)
 
     def set_num_threads(self, n: int) -> None:
         """The engine's torch thread count, applied by every per-op step (`release_threads`)."""

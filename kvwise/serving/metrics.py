@@ -9,7 +9,7 @@ Series (label `model_name` on all):
   e2e_request_latency_seconds, request_queue_time_seconds, request_prompt_tokens,
   request_generation_tokens
 - gauges (engine snapshot): num_requests_running, num_requests_waiting, kv_cache_usage_perc,
-  num_blocks_used, num_blocks_total, prefix_cache_shared_blocks, prefix_cache_private_blocks,
+  num_blocks_used, num_blocks_total, kv_cache_bytes_per_block, kv_cache_bytes_used, prefix_cache_shared_blocks, prefix_cache_private_blocks,
   prefix_cache_cached_blocks, prefix_cache_pinned_blocks
 - counters (engine snapshot): prompt_tokens_total, generation_tokens_total,
   num_preemptions_total, prefix_cache_queries_total, prefix_cache_hits_total
@@ -46,6 +46,10 @@ class _EngineStatsCollector(Collector):
                ("kv_cache_usage_perc", "kv_usage", "Fraction of KV blocks in use (0..1)."),
                ("num_blocks_used", "num_blocks_used", "KV blocks referenced by requests."),
                ("num_blocks_total", "num_blocks_total", "KV blocks in the pool."),
+               ("kv_cache_bytes_per_block", "kv_bytes_per_block",
+                "Bytes one KV block takes in the cache's format (all layers, K and V)."),
+               ("kv_cache_bytes_used", "kv_bytes_used",
+                "Bytes of KV held: used blocks plus the format's side storage."),
                ("prefix_cache_shared_blocks", "shared_blocks",
                 "KV blocks held by more than one running request (shared prefix chunks)."),
                ("prefix_cache_private_blocks", "private_blocks",

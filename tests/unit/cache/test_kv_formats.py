@@ -21,8 +21,9 @@ CPU = torch.device("cpu")
 
 def test_registry_matches_config_names():
     assert sorted(n for n in KV_CACHE_DTYPES if n != "auto") == available_formats()
-    with pytest.raises(ValueError, match="kv_cache_dtype: unknown 'int3'"):
-        format_class("int3")
+    for bad in ("int5", "fp8", "nuq8"):
+        with pytest.raises(ValueError, match=f"kv_cache_dtype: unknown '{bad}'"):
+            format_class(bad)
 
 
 @pytest.mark.parametrize("fmt,elem_bytes", [("float32", 4 * 64), ("float16", 2 * 64),
