@@ -1,4 +1,4 @@
-"""`kvwise` command line: generate | chat | eval ppl | bench | serve.
+"""`kvwise` command line: generate | chat | eval ppl | calibrate | bench | serve.
 
 Invariants:
 - Engine flags are declared once (kvwise.config.ENGINE_FLAGS) and map 1:1 to EngineConfig.
@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from kvwise.calibration.command import add_calibrate_parser
 from kvwise.config import EngineConfig, add_engine_args, engine_config_from_args, parse_cli_args
 from kvwise.errors import KvwiseError
 from kvwise.sampling_params import SamplingParams
@@ -205,6 +206,52 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_kv(args: argparse.Namespace) -> int:
+    if (args.text_file is None) == (args.dataset is None):
+        raise KvwiseError("eval kv: give exactly one of --text-file FILE or --dataset NAME")
+    cfg = engine_config_from_args(args)  # bad engine flags fail before anything loads
+    kv_dtypes = [d.strip() for d in args.kv_cache_dtypes.split(",") if d.strip()]
+    for d in kv_dtypes:
+        EngineConfig.from_kwargs(kv_cache_dtype=d)
+    from kvwise.eval import kv_eval, kv_peers
+    from kvwise.eval.datasets import load_text
+
+    spec = args.kv_compressions
+    if spec is None:  # the engine flags' own compression (default none)
+        spec = "none" if cfg.kv_compression == "none" else \
+            f"{cfg.kv_compression}:{cfg.sink_tokens}:{cfg.window_tokens}"
+    settings = kv_eval.kvwise_settings(kv_dtypes, kv_eval.parse_kv_compressions(spec))
+    peers = kv_peers.parse_peers(args.peers) if args.peers else []
+    kv_peers.check_available(peers)
+    if args.text_file is not None:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = load_text(args.dataset)
+
+    def make_llm(kv_cache_dtype: str) -> Any:
+        return _make_llm(argparse.Namespace(**{**vars(args), "kv_cache_dtype": kv_cache_dtype}))
+
+    base_ppl: list[float] = []  # the baseline's, measured first
+
+    def report(r: kv_eval.KVEvalResult) -> None:
+        base_ppl.append(r.ppl)
+        line = json.dumps(r.as_json()) if args.json else kv_eval.format_line(r, base_ppl[0])
+        print(line, flush=True)
+
+    _, windows, base_argmax = kv_eval.measure_kvwise(
+        make_llm, text, args.context_len, args.continuation_len, args.num_windows, settings,
+        report)
+    if peers:
+        import torch
+
+        from kvwise.model.loader import resolve_model_path
+
+        kv_peers.measure_peers(peers, resolve_model_path(cfg.model), windows, base_argmax,
+                               cfg.threads or torch.get_num_threads(), report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,7 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt")
     add_engine_args(e)
     e.set_defaults(func=cmd_eval_quant)
+    e = esub.add_parser("kv", help="KV-cache settings: prefill a context, teacher-force a "
+                                   "continuation; ppl, agreement with fp32, bytes, seconds")
+    e.add_argument("--text-file", help="a UTF-8 text file")
+    e.add_argument("--dataset", help="built-in text: pydoc-topics | bible-kjv")
+    e.add_argument("--context-len", type=int, default=512, help="tokens prefilled per window")
+    e.add_argument("--continuation-len", type=int, default=512,
+                   help="tokens teacher-forced one per step after the context")
+    e.add_argument("--num-windows", type=int, default=2, help="disjoint, evenly spaced windows")
+    e.add_argument("--kv-cache-dtypes", default="float32,float16,int8",
+                   help="comma list of KV formats (the float32 baseline always runs)")
+    e.add_argument("--kv-compressions", default=None,
+                   help="comma list crossed with the dtypes: none | streaming:SINK:WINDOW "
+                        "(default: the engine flags' --kv-compression)")
+    e.add_argument("--peers", default=None,
+                   help="comma list: quanto (HF QuantizedCache int4,int2) | llamacpp (q8_0, "
+                        "q4_0, q4_1, iq4_nl), or one type as quanto:int4; each peer's own "
+                        "unquantized baseline runs too (needs `make peers`)")
+    e.add_argument("--json", action="store_true", help="one JSON object per setting")
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval_kv)
 
+    add_calibrate_parser(sub)
     _add_optional(sub, "kvwise.bench.cli", "add_bench_parser")
     _add_optional(sub, "kvwise.serving.cli", "add_serve_parser")
     return parser

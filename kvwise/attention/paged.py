@@ -7,7 +7,8 @@ Invariants:
   keeps, passed in by the model, never read back through the format); earlier context is
   gathered from the store in whole blocks, with a position-based causal mask.
 - History is read only through the layer's `LayerKV` (format-independent): the CPU decode
-  kernel takes `kv.kernel` (dense or int8 arrays in place), the PyTorch paths dequantized rows.
+  kernel takes `kv.kernel` (dense or int8 arrays in place), the KVQuant one `kv.kvquant` (codes
+  in place, cpu_decode_kvquant), the PyTorch paths dequantized rows.
 - Grouped-query attention: query head h reads KV head h // (H // K).
 - Batch-invariant mode (`meta.row_context_lens` set): every row, prefill rows included, is a
   decode-kernel query over the cache, so a token's attention output is the same bits whether its
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kvwise.attention.backend import AttentionMetadata, register_backend
+from kvwise.attention.backend import AttentionMetadata, PrefillSpan, register_backend
 from kvwise.cache.kv_store import LayerKV
 
 
@@ -76,6 +77,10 @@ def prefill_spans_attention(q: torch.Tensor, k_new: Optional[torch.Tensor],
     """Write every prefill span's attention into `out` [T, H, D] (q [T, H, D]; k_new, v_new
     [T, K, D] or None). A span's own tokens come from the step's fresh rows, its earlier
     context from the store. Shared by every backend whose prefill is the paged one."""
+    if kv.store.seals_later:
+        for span in meta.prefills:
+            _span_by_block(q, k_new, v_new, kv, meta, span, scale, out)
+        return
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_query_tokens)
         k_own, v_own = step_rows(k_new, v_new, kv, meta, rows)  # [Tq, K, D]
@@ -90,16 +95,47 @@ def prefill_spans_attention(q: torch.Tensor, k_new: Optional[torch.Tensor],
                                       span.num_prior_tokens, scale)
 
 
+def _span_by_block(q: torch.Tensor, k_new: Optional[torch.Tensor],
+                   v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
+                   span: PrefillSpan, scale: float, out: torch.Tensor) -> None:
+    """One prefill span over a format whose rows read differently once sealed (KVQuant's
+    open tail): the queries of each block attend to that block's rows as stored (the step's
+    fresh rows) and to every earlier block sealed, exactly what a decode token or a later
+    chunk at the same position reads, so the output does not depend on where a chunk ends."""
+    s = meta.block_size
+    rows = slice(span.start, span.start + span.num_query_tokens)
+    k_own, v_own = step_rows(k_new, v_new, kv, meta, rows)  # [Tq, K, D] as stored
+    prior, ctx = span.num_prior_tokens, span.num_context_tokens
+    if span.context_block_ids is None:
+        k_seal, v_seal = kv.store.gather_rows_sealed(kv.layer, meta.slot_mapping[rows])
+        k_as, v_as = k_own, v_own
+    else:
+        k_seal, v_seal = kv.gather_blocks_sealed(span.context_block_ids)  # [C', K, D]
+        k_as, v_as = kv.gather_blocks(span.context_block_ids)
+        k_as[prior:ctx], v_as[prior:ctx] = k_own, v_own
+    first = prior  # context position of the first query of the current block
+    while first < ctx:
+        end = min(ctx, (first // s + 1) * s)  # the queries in this block
+        own = slice(first // s * s, end)
+        k, v = k_seal[:end].clone(), v_seal[:end].clone()  # [end, K, D]
+        k[own], v[own] = k_as[own], v_as[own]
+        qr = slice(span.start + first - prior, span.start + end - prior)
+        out[qr] = prefill_attention(q[qr], k.to(q.dtype), v.to(q.dtype), first, scale)
+        first = end
+
+
 class PagedBackend:
     name = "paged"
 
     def __init__(self) -> None:
         # CPU decode rows go through one numba kernel reading the cache in place (cpu_decode.py:
         # ~90 -> ~35 us per layer at batch 1, 25x faster than the padded gather at batch 4).
-        from kvwise.attention import cpu_decode
+        from kvwise.attention import cpu_decode, cpu_decode_kvquant
 
         cpu_decode.warmup()
+        cpu_decode_kvquant.warmup()
         self._cpu_decode = cpu_decode
+        self._cpu_kvquant = cpu_decode_kvquant  # KVQuant codes read in place, RoPE on the fly
 
     def _decode(self, q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
@@ -108,6 +144,12 @@ class PagedBackend:
             return self._cpu_decode.decode_attention(q, kern, meta.decode_block_ids,
                                                      meta.decode_context_lens, meta.block_size,
                                                      scale)
+        if kern is None and self._cpu_kvquant.supported(q):
+            arrays = kv.kvquant
+            if arrays is not None:
+                return self._cpu_kvquant.decode_attention_kvquant(
+                    q, arrays, meta.decode_block_ids, meta.decode_context_lens,
+                    meta.block_size, scale)
         return decode_attention(q, kv, meta.decode_block_ids, meta.decode_mask, scale)
 
     def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],

@@ -35,10 +35,12 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def gather_context(kv: LayerKV, block_table: list[int], num_tokens: int,
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first num_tokens slots of the table's blocks -> k, v [C, K, D] (compute dtype)."""
+                   block_size: int, sealed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_tokens slots of the table's blocks -> k, v [C, K, D] (compute dtype), as
+    stored or (`sealed`) as they read once their blocks are sealed."""
     rows = [b * block_size + s for b in block_table for s in range(block_size)][:num_tokens]
-    return kv.gather_rows(torch.tensor(rows, dtype=torch.long, device=kv.store.device))
+    t = torch.tensor(rows, dtype=torch.long, device=kv.store.device)
+    return kv.store.gather_rows_sealed(kv.layer, t) if sealed else kv.gather_rows(t)
 
 
 class ReferenceBackend:
@@ -50,13 +52,25 @@ class ReferenceBackend:
         out = torch.empty_like(q)
         spans = [(i, 1) for i in range(meta.num_decode_tokens)]
         spans += [(p.start, p.num_query_tokens) for p in meta.prefills]
+        s = meta.block_size
         for r, (start, n) in enumerate(spans):
             ctx = meta.context_lens[r]
-            k, v = gather_context(kv, meta.block_tables[r], ctx, meta.block_size)
+            k, v = gather_context(kv, meta.block_tables[r], ctx, s)
             if k_new is not None and v_new is not None:  # the step's own rows, as stored
                 k[ctx - n:] = k_new[start:start + n]
                 v[ctx - n:] = v_new[start:start + n]
-            out[start:start + n] = reference_attention(q[start:start + n], k, v, ctx - n, scale)
+            if not kv.store.seals_later:
+                out[start:start + n] = reference_attention(q[start:start + n], k, v, ctx - n,
+                                                           scale)
+                continue
+            # a token reads its own block as stored and every earlier block sealed
+            k_seal, v_seal = gather_context(kv, meta.block_tables[r], ctx, s, sealed=True)
+            for p in range(ctx - n, ctx):
+                own = p // s * s
+                kp = torch.cat([k_seal[:own], k[own:p + 1]])
+                vp = torch.cat([v_seal[:own], v[own:p + 1]])
+                i = start + p - (ctx - n)
+                out[i:i + 1] = reference_attention(q[i:i + 1], kp, vp, p, scale)
         return out
 
 

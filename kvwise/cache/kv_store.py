@@ -4,7 +4,8 @@ A *format* (`--kv-cache-dtype`) owns its storage tensors and decides everything 
 token's K and V are kept: the bytes a block takes (which sizes the pool from
 `--kv-cache-memory`), how the step's new K/V are written (rounded, quantized, ...), how history
 is read back (`LayerKV.gather_blocks`: compute-dtype rows for the PyTorch backends and the
-reference oracle; `LayerKV.kernel`: the arrays the CPU numba kernels read in place), and what
+reference oracle; `LayerKV.kernel`: the arrays the CPU numba kernels read in place;
+`LayerKV.kvquant`: a KVQuant store's arrays for its own kernel), and what
 happens when a block becomes full and immutable (`seal`). Formats are registered by name, like
 attention backends (`register_format`, `make_kv_store`).
 
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # kvquant_kv imports this module
+    from kvwise.cache.kvquant_kv import KVQuantArrays
 
 
 class ModelShape(Protocol):
@@ -95,10 +99,26 @@ class LayerKV:
         """rows [R] long flat slot rows -> k, v [R, K, D] in the compute dtype."""
         return self.store.gather_rows(self.layer, rows)
 
+    def gather_blocks_sealed(self, block_ids: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As gather_blocks, with rows of unsealed blocks as they will read once sealed (the
+        view of a token in a later block; equal to gather_blocks unless `seals_later`)."""
+        return self.store.gather_rows_sealed(self.layer,
+                                             _block_rows_t(block_ids, self.store.block_size))
+
     @property
     def kernel(self) -> Optional[KernelKV]:
         """The arrays the CPU kernels read, or None when they cannot read this store."""
         return self.store.kernel_layer(self.layer)
+
+    @property
+    def kvquant(self) -> Optional[KVQuantArrays]:
+        """A KVQuant store's arrays for its CPU kernel (views valid for this step), or None for
+        other formats and off CPU."""
+        arrays = getattr(self.store, "kernel_arrays", None)
+        if arrays is None or self.store.device.type != "cpu":
+            return None
+        return arrays(self.layer)
 
 
 class KVStore:
@@ -110,6 +130,9 @@ class KVStore:
     name: str = ""
     pre_rope: bool = False  # whether keys are stored before RoPE (see module docstring)
     takes_options: bool = False  # whether the constructor takes make_kv_store's options
+    # whether a row reads differently once its block is sealed (KVQuant's fp16 open tail): a
+    # token then reads the rows of its own block as stored and every earlier block sealed
+    seals_later: bool = False
 
     def __init__(self, shape: ModelShape, num_blocks: int, block_size: int,
                  compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -198,6 +221,11 @@ class KVStore:
     def gather_blocks(self, layer: int, block_ids: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gather_rows(layer, _block_rows_t(block_ids, self.block_size))
+
+    def gather_rows_sealed(self, layer: int, rows: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows as they read once their blocks are sealed (see `seals_later`)."""
+        return self.gather_rows(layer, rows)
 
     def copy_rows(self, src_rows: list[int], dst_rows: list[int],
                   plane: Optional[tuple[int, int]] = None) -> None:

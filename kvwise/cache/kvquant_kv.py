@@ -158,6 +158,7 @@ class KVQuantKV(KVStore):
     spec: KVQuantSpec
     pre_rope = True
     takes_options = True
+    seals_later = True
 
     def __init__(self, shape: ModelShape, num_blocks: int, block_size: int,
                  compute_dtype: torch.dtype, device: torch.device, *,
@@ -244,42 +245,43 @@ class KVQuantKV(KVStore):
         self.open[layer, blocks] = True
         self.tail.k[layer, trow] = k.half()
         self.tail.v[layer, trow] = v.half()
-        full = torch.unique(blocks[offsets == s - 1])  # blocks this write completes
-        if full.numel():
-            self._quantize_blocks(layer, full)
         return self.gather_rows(layer, slots)
 
-    def _quantize_blocks(self, layer: int, blocks: torch.Tensor) -> None:
-        """Quantize these full blocks' rows of `layer` from their tail entries; keep sink rows;
-        after the last layer, release the tail entries."""
-        s = self.block_size
-        offs = torch.arange(s)
-        rows = (blocks[:, None] * s + offs).reshape(-1)  # [nb*S]
-        trow = self.tail.row_index(blocks.repeat_interleave(s), offs.repeat(blocks.numel()))
-        kx = self.tail.k[layer, trow].float()  # [nb*S, K, D] pre-RoPE
-        vx = self.tail.v[layer, trow].float()
-        t = self.tables[layer]
-        bits = self.spec.bits
-        kc, ki, kv_ = quantize_keys(kx, t.k_zero, t.k_scale, t.k_dtype, self.num_k_outliers)
-        vc, vz, vs, vi, vv = quantize_values(vx, t.v_dtype, self.num_v_outliers)
-        self.k_codes[layer, rows] = pack_codes(kc, bits)
-        self.v_codes[layer, rows] = pack_codes(vc, bits)
-        self.k_out_idx[layer, rows], self.k_out_val[layer, rows] = ki, kv_
-        self.v_zero[layer, rows], self.v_scale[layer, rows] = vz, vs
-        self.v_out_idx[layer, rows], self.v_out_val[layer, rows] = vi, vv
-        self.open[layer, blocks] = False
-        n = self.sink_tokens
-        if n:
-            sink_blocks = [int(b) for b in blocks if self.positions[int(b) * s] < n]
-            if layer == 0:
-                self.sink.claim(sink_blocks)
+    def seal(self, block_ids: list[int]) -> None:
+        """These blocks are full and immutable: quantize every layer from the tail entries,
+        keep their sink rows in the sink pool, release the entries."""
+        blocks = torch.tensor([b for b in block_ids if self.tail.slot_of[b] >= 0],
+                              dtype=torch.long)
+        if not blocks.numel():
+            return
+        s, n = self.block_size, self.sink_tokens
+        rows = (blocks[:, None] * s + torch.arange(s)).reshape(-1)  # [nb*S]
+        trow = self.tail.row_index(blocks.repeat_interleave(s), torch.arange(s).repeat(
+            blocks.numel()))
+        sink_blocks = [int(b) for b in blocks if n and self.positions[int(b) * s] < n]
+        self.sink.claim(sink_blocks)
+        for layer in range(self.num_layers):
+            codes = self._quantize(layer, self.tail.k[layer, trow], self.tail.v[layer, trow])
+            for name, value in codes.items():
+                getattr(self, name)[layer, rows] = value
             for b in sink_blocks:
                 src = self.tail.row_index(torch.full((n,), b), torch.arange(n))
                 dst = self.sink.row_index(torch.full((n,), b), torch.arange(n))
                 self.sink.k[layer, dst] = self.tail.k[layer, src]
                 self.sink.v[layer, dst] = self.tail.v[layer, src]
-        if layer == self.num_layers - 1:
-            self.tail.release([int(b) for b in blocks])
+        self.open[:, blocks] = False
+        self.tail.release(blocks.tolist())
+
+    def _quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+        """fp16 pre-RoPE k, v [R, K, D] -> the stored tensors' rows, by attribute name."""
+        t, bits = self.tables[layer], self.spec.bits
+        kc, ki, kv_ = quantize_keys(k.float(), t.k_zero, t.k_scale, t.k_dtype,
+                                    self.num_k_outliers)
+        vc, vz, vs, vi, vv = quantize_values(v.float(), t.v_dtype, self.num_v_outliers)
+        return {"k_codes": pack_codes(kc, bits), "v_codes": pack_codes(vc, bits),
+                "k_out_idx": ki, "k_out_val": kv_, "v_zero": vz, "v_scale": vs,
+                "v_out_idx": vi, "v_out_val": vv}
 
     def release(self, block_ids: list[int]) -> None:
         """The KV manager freed these blocks: drop their side-pool entries."""
@@ -290,29 +292,46 @@ class KVQuantKV(KVStore):
     # -- reading -------------------------------------------------------------------------------
 
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows [R] -> k rotated at each row's position, v [R, K, D] in the compute dtype."""
-        rows = rows.long()
+        """rows [R] -> k rotated at each row's position, v [R, K, D] in the compute dtype, as
+        stored now: fp16 rows of open blocks, codes of sealed ones (sink rows fp16)."""
+        return self._read(layer, rows.long(), sealed=False)
+
+    def gather_rows_sealed(self, layer: int, rows: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As gather_rows, but rows of open blocks as they will read once sealed (quantized now
+        from their fp16 values: a row's codes depend on its own values only)."""
+        return self._read(layer, rows.long(), sealed=True)
+
+    def _read(self, layer: int, rows: torch.Tensor, sealed: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         s, d, t = self.block_size, self.head_dim, self.tables[layer]
         blocks, offsets = rows // s, rows % s
-        kc = unpack_codes(self.k_codes[layer, rows], self.spec.bits, d)  # [R, K, D]
-        vc = unpack_codes(self.v_codes[layer, rows], self.spec.bits, d)
-        k = dequantize(kc, t.k_zero, t.k_scale, t.k_dtype, self.k_out_idx[layer, rows],
-                       self.k_out_val[layer, rows])  # [R, K, D] fp32, pre-RoPE
-        v = dequantize(vc, self.v_zero[layer, rows][..., None],
-                       self.v_scale[layer, rows][..., None], t.v_dtype,
-                       self.v_out_idx[layer, rows], self.v_out_val[layer, rows])
+        open_ = self.open[layer, blocks]
+        stored = {name: getattr(self, name)[layer, rows] for name in _CODE_TENSORS}
+        if sealed and open_.any():
+            trow = self.tail.row_index(blocks[open_], offsets[open_])
+            fresh = self._quantize(layer, self.tail.k[layer, trow], self.tail.v[layer, trow])
+            for name in _CODE_TENSORS:
+                stored[name][open_] = fresh[name]
+        bits = self.spec.bits
+        k = dequantize(unpack_codes(stored["k_codes"], bits, d), t.k_zero, t.k_scale,
+                       t.k_dtype, stored["k_out_idx"], stored["k_out_val"])  # [R, K, D] fp32
+        v = dequantize(unpack_codes(stored["v_codes"], bits, d), stored["v_zero"][..., None],
+                       stored["v_scale"][..., None], t.v_dtype, stored["v_out_idx"],
+                       stored["v_out_val"])
         pos = self.positions[rows]
         sink = (self.sink.slot_of[blocks] >= 0) & (pos < self.sink_tokens) & (offsets < max(
-            1, self.sink_tokens))
+            1, self.sink_tokens)) & ~open_
         if sink.any():
             srow = self.sink.row_index(blocks[sink], offsets[sink])
             k[sink] = self.sink.k[layer, srow].float()
             v[sink] = self.sink.v[layer, srow].float()
-        open_ = self.open[layer, blocks]
-        if open_.any():
-            trow = self.tail.row_index(blocks[open_], offsets[open_])
-            k[open_] = self.tail.k[layer, trow].float()
-            v[open_] = self.tail.v[layer, trow].float()
+        # fp16 from the tail: rows of open blocks, or (sealed view) their sink rows
+        tail = open_ & (pos < self.sink_tokens) if sealed else open_
+        if tail.any():
+            trow = self.tail.row_index(blocks[tail], offsets[tail])
+            k[tail] = self.tail.k[layer, trow].float()
+            v[tail] = self.tail.v[layer, trow].float()
         k = _rotate(k, self.cos[pos], self.sin[pos])
         c = self.compute_dtype
         return k.to(c), v.to(c)
@@ -356,6 +375,10 @@ class KVQuantKV(KVStore):
     def import_blocks(self, block_ids: list[int], data: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"kv_cache_dtype {self.name!r}: importing requests is not "
                                   "supported with KVQuant formats yet")
+
+
+_CODE_TENSORS = ("k_codes", "v_codes", "k_out_idx", "k_out_val", "v_zero", "v_scale",
+                 "v_out_idx", "v_out_val")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

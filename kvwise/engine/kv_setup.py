@@ -2,8 +2,9 @@
 what a KVQuant format needs (its calibration, RoPE tables, sink size).
 
 Invariants:
-- The pool gets `kv_cache_memory` minus the format's reserved side storage, in whole blocks; a
-  budget that holds no block is a ConfigError naming kv_cache_memory.
+- The pool gets `kv_cache_memory` minus the format's reserved side storage (KVQuant: an fp16
+  open tail and sink per request for up to max_num_seqs requests, at most 1/16 of the budget),
+  in whole blocks; a budget that holds no block is a ConfigError naming kv_cache_memory.
 - A KVQuant format without a calibration (no `kv_quant_calibration` and no file shipped for the
   model) or with an unusable one is a ConfigError naming kv_quant_calibration and the file.
 """
@@ -24,6 +25,7 @@ from kvwise.model.llama import LlamaModel
 from kvwise.model.registry import lookup
 
 # KVQuant calibrations shipped in the package (computed by `kvwise calibrate`; BENCHMARKS.md)
+SIDE_BUDGET_DIVISOR = 16  # at most this fraction (1/16) of kv_cache_memory is reserved up front
 _DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "kvquant")
 
 
@@ -48,10 +50,14 @@ def build_kv_store(config: EngineConfig, mc: ModelConfig, model: LlamaModel, dty
     options: dict[str, object] = {}
     reserved = 0
     if config.kvquant:
+        # side entries (an fp16 open tail and a sink) for max_num_seqs requests, but at most
+        # 1/16 of the budget: the pools grow if more requests are open at once
+        entry = kv_format.reserved_bytes(mc, config.block_size, 1, config.kv_quant_sink)
+        num_entries = max(1, min(config.max_num_seqs,
+                                 config.kv_cache_bytes // SIDE_BUDGET_DIVISOR // entry))
+        reserved = num_entries * entry
         options = {"calibration": _calibration(config), "sink_tokens": config.kv_quant_sink,
-                   "rope": (model.cos, model.sin), "max_num_seqs": config.max_num_seqs}
-        reserved = kv_format.reserved_bytes(mc, config.block_size, config.max_num_seqs,
-                                            config.kv_quant_sink)
+                   "rope": (model.cos, model.sin), "max_num_seqs": num_entries}
     num_blocks = config.num_blocks or (config.kv_cache_bytes - reserved) // bytes_per_block
     if num_blocks < 1:
         raise ConfigError(

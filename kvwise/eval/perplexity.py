@@ -72,7 +72,9 @@ def prompt_logits(engine, token_ids: list[int], request_id: str = "prompt-logits
     req = Request(request_id, request_id, 0, list(token_ids), SamplingParams(max_tokens=1),
                   RequestMetrics(arrival_time=0.0), max_tokens=1)
     pieces = []
-    kv.start_request(request_id, [])  # register without prefix matching: every position computed
+    # no prefix matching (every position computed) and nothing shared (commit_limit=0); the
+    # commits seal full blocks, as the engine's steps do (a KVQuant format quantizes them then)
+    kv.start_request(request_id, [], commit_limit=0)
     try:
         while req.num_computed_tokens < req.num_tokens:
             n = min(budget, req.num_tokens - req.num_computed_tokens)
@@ -82,6 +84,7 @@ def prompt_logits(engine, token_ids: list[int], request_id: str = "prompt-logits
             inputs.logits_indices = torch.arange(n, device=engine.device)
             pieces.append(runner.run(inputs).cpu())  # [n, V]
             req.num_computed_tokens += n
+            kv.commit(request_id, req.all_token_ids, req.num_computed_tokens)
     finally:
         kv.free(request_id)
     return torch.cat(pieces)

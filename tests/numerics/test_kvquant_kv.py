@@ -1,5 +1,14 @@
 """KVQuant formats through the engine: refusals, and greedy tokens unchanged by prefix caching,
-preemption and the two-phase backend (the shipped calibration of the bundled model)."""
+preemption and the two-phase backend (the shipped calibration of the bundled model).
+
+As in tests/numerics/test_int8_kv.py, the engine runs int8 weights and 16-token steps, whose
+kernels compute each K/V row independently of the step's other rows: otherwise a ~1e-6
+difference of a GEMM's rounding between step sizes can move a code to the next level, which
+is a real difference of the inputs, not of the cache. For the same reason the cache-state
+tests run the float64 reference backend: the paged backend's SDPA rounds a row differently
+with the shape of its call (a chunk's queries, a decode batch), and 3-bit codes turn such
+1e-7 differences into different tokens after ~20 tokens now and then, which says nothing about
+the cache (the paged and two-phase backends are compared with each other below)."""
 
 from __future__ import annotations
 
@@ -21,7 +30,8 @@ PROMPTS = [PREFIX + "Its first effect was", PREFIX + "Scholars disagree about wh
 
 
 def _llm(**kw) -> LLM:
-    base = {"kv_cache_dtype": FORMAT, "kv_cache_memory": "32MiB", "max_num_batched_tokens": 64}
+    base = {"kv_cache_dtype": FORMAT, "kv_cache_memory": "32MiB", "max_num_batched_tokens": 16,
+            "weight_dtype": "int8", "threads": 2, "attention_backend": "reference"}
     return LLM("smollm2-135m", **{**base, **kw})
 
 
@@ -31,29 +41,55 @@ def _tokens(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference() -> list[list[int]]:
-    """Each prompt alone, no prefix caching."""
+    """The first prompt, then the other two together; no prefix caching."""
     llm = _llm(enable_prefix_caching=False)
-    return [_tokens(llm, [p])[0] for p in PROMPTS]
+    return _tokens(llm, PROMPTS[:1]) + _tokens(llm, PROMPTS[1:])
 
 
 def test_prefix_caching_gives_the_tokens_of_no_caching(reference):
     llm = _llm(enable_prefix_caching=True)
     first = _tokens(llm, PROMPTS[:1])
     rest = _tokens(llm, PROMPTS[1:])  # hits the full blocks of the shared prefix
-    assert llm.stats()["prefix_hit_tokens"] >= 16
+    assert llm.stats()["prefix_hit_tokens"] >= 32
     assert first + rest == reference
 
 
-def test_preemption_gives_the_same_tokens(reference):
-    # 3 prompts of ~40 tokens + 24 outputs need ~12 blocks of 16; 7 force preemptions
+def test_preemption_gives_the_same_tokens():
+    expect = _tokens(_llm(enable_prefix_caching=False))
+    # 3 prompts of ~30 tokens + 24 outputs need ~12 blocks of 16; 7 force preemptions
     llm = _llm(num_blocks=7, enable_prefix_caching=False)
-    assert _tokens(llm) == reference
+    assert _tokens(llm) == expect
     assert llm.stats()["num_preemptions"] > 0
 
 
-def test_two_phase_backend_gives_the_same_tokens(reference):
-    llm = _llm(attention_backend="two_phase", enable_prefix_caching=True)
-    assert _tokens(llm) == reference
+def test_fast_backends_match_the_reference_on_the_same_cache(monkeypatch):
+    """Every attention call of a batched, prefix-sharing run: the paged backend (the KVQuant
+    decode kernel, per-block prefill) and two-phase (shared quantized chunks read once for
+    all sharers) on the very inputs and cache the float64 reference sees. End-to-end tokens
+    are not compared: a 1e-6 difference per layer becomes a different code somewhere."""
+    from kvwise.attention import paged, reference, two_phase
+
+    fast = {"paged": paged.PagedBackend(), "two_phase": two_phase.TwoPhaseBackend()}
+    orig = reference.ReferenceBackend.forward
+    worst = {name: 0.0 for name in fast}
+    seen = {"decode": 0, "prefill": 0}
+
+    def checked(self, q, k_new, v_new, kv, meta, scale):
+        want = orig(self, q, k_new, v_new, kv, meta, scale)
+        for name, backend in fast.items():
+            meta.backend_data = None  # two-phase prepares its own plan
+            got = backend.forward(q, k_new, v_new, kv, meta, scale)
+            worst[name] = max(worst[name], (got - want).abs().max().item())
+        seen["decode"] += meta.num_decode_tokens > 1
+        seen["prefill"] += bool(meta.prefills)
+        return want
+
+    monkeypatch.setattr(reference.ReferenceBackend, "forward", checked)
+    llm = _llm(enable_prefix_caching=True, max_num_batched_tokens=64)
+    _tokens(llm, PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=2))
+    _tokens(llm, PROMPTS, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    assert seen["decode"] > 0 and seen["prefill"] > 0
+    assert worst["paged"] < 1e-4 and worst["two_phase"] < 1e-4, worst
 
 
 def test_quantized_blocks_are_counted_and_side_storage_is_released():

@@ -221,7 +221,11 @@ def fit_calibration(layers: Sequence[LayerActivations], specs: Sequence[KVQuantS
             zero, scale = zs[_pct_key(spec.outlier_percent)]
             uk = normalize(k, zero, scale)  # [n, K, D]
             wk = fk * scale.float() ** 2
-            kdt = _fit_datatype(spec, uk, wk, uk.abs() <= 1.0, seed, gen)
+            # the elements the run time keeps dense: all (clamped) without outliers, else
+            # those inside the range (the others are kept exactly, up to the slot count)
+            kdense = uk.abs() <= 1.0 if spec.outlier_percent else torch.ones_like(
+                uk, dtype=torch.bool)
+            kdt = _fit_datatype(spec, uk, wk, kdense, seed, gen)
             c = value_outliers(spec, v.shape[-1])
             lo, hi, out = value_ranges(v, c)
             vz, vs = fp16_range(lo, hi)  # [n, K]

@@ -69,7 +69,7 @@ def _expected(store, layer, k, v, positions, quantized, sink_rows):
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_open_block_reads_fp16_then_quantized_once_full(name):
+def test_open_block_reads_fp16_then_quantized_once_sealed(name):
     store = _store(name)
     k, v = _kv(S)
     slots = torch.tensor([8, 9, 10])  # block 2, not full
@@ -79,48 +79,60 @@ def test_open_block_reads_fp16_then_quantized_once_full(name):
         want = _expected(store, i, k[i, :3], v[i, :3], pos, False, [])
         assert torch.equal(outs[i][0], want[0]) and torch.equal(outs[i][1], want[1])
     assert store.tail.num_used == 1 and store.sink.num_used == 0
-    # the last row fills the block: every reader now sees the codes (row 0 stays fp16: sink)
     _write_all_layers(store, torch.tensor([11]), torch.tensor([3]), k[:, 3:], v[:, 3:])
-    assert store.tail.num_used == 0 and store.sink.num_used == 1
     rows = torch.arange(8, 12)
+    before = [store.gather_rows(i, rows) for i in range(store.num_layers)]
+    sealed_view = [store.gather_rows_sealed(i, rows) for i in range(store.num_layers)]
+    store.seal([2])  # full and committed: every reader now sees the codes (row 0: sink)
+    assert store.tail.num_used == 0 and store.sink.num_used == 1
     for i in range(store.num_layers):
+        fp16 = _expected(store, i, k[i], v[i], torch.arange(4), False, [])
+        assert torch.equal(before[i][0], fp16[0]) and torch.equal(before[i][1], fp16[1])
         got = store.gather_rows(i, rows)
         want = _expected(store, i, k[i], v[i], torch.arange(4), True, [True, False, False, False])
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+        # what a later block saw before the seal is exactly what everyone reads after it
+        assert torch.equal(sealed_view[i][0], got[0]) and torch.equal(sealed_view[i][1], got[1])
+
+
+def _seal_full(store, slots):
+    """What commit does after a step: seal the blocks whose last row is written."""
+    full = sorted({int(r) // S for r in slots if int(r) % S == S - 1})
+    store.seal(full)
 
 
 @settings(max_examples=25, deadline=None)
 @given(name=st.sampled_from(FORMATS), n=st.integers(1, 3 * S), cut=st.integers(0, 3 * S),
-       start=st.integers(0, 9), sink=st.integers(0, 2))
-def test_a_split_write_reads_like_one_write(name, n, cut, start, sink):
-    """Rows of a prompt written in one step or in two (chunked prefill) read the same, and each
-    write returned exactly what a later reader sees of its rows (blocks with 1..3S rows)."""
+       sink=st.integers(0, 2))
+def test_chunked_writes_read_like_one_write(name, n, cut, sink):
+    """A prompt written in one step or in two (chunked prefill), full blocks sealed after each
+    step: every row reads the same; a row's sealed view never changes when it is sealed."""
     cut = min(cut, n)
     k, v = _kv(n, seed=n)
-    pos = torch.arange(start, start + n)
-    slots = torch.arange(S, S + n) + start % S  # block-aligned like a real table
+    pos = torch.arange(n)
+    slots = torch.arange(S, S + n)  # blocks 1.. of the pool, position 0 at offset 0
     one, two = _store(name, sink=sink), _store(name, sink=sink)
     _write_all_layers(one, slots, pos, k, v)
-    parts = [slice(0, cut), slice(cut, n)]
-    returned = []
-    for p in parts:
+    views = [one.gather_rows_sealed(i, slots) for i in range(SHAPE.num_layers)]
+    _seal_full(one, slots)
+    for p in (slice(0, cut), slice(cut, n)):
         if p.stop > p.start:
-            returned.append(_write_all_layers(two, slots[p], pos[p], k[:, p], v[:, p]))
+            _write_all_layers(two, slots[p], pos[p], k[:, p], v[:, p])
+            _seal_full(two, slots[p])
     for i in range(SHAPE.num_layers):
         a, b = one.gather_rows(i, slots), two.gather_rows(i, slots)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    last = returned[-1]
-    tail_rows = slots[cut:] if cut < n else slots[:n]
-    for i in range(SHAPE.num_layers):
-        now = two.gather_rows(i, tail_rows)
-        assert torch.equal(last[i][0], now[0]) and torch.equal(last[i][1], now[1])
+        full_rows = (slots - S) < (n // S) * S  # rows of full (sealed) blocks
+        assert torch.equal(views[i][0][full_rows], a[0][full_rows])
+        assert torch.equal(views[i][1][full_rows], a[1][full_rows])
 
 
 def test_release_and_rewrite_drop_side_entries():
     store = _store("nuq3-1%")
     k, v = _kv(S)
     _write_all_layers(store, torch.arange(0, S), torch.arange(S), k, v)  # block 0: full, sink
+    store.seal([0])
     _write_all_layers(store, torch.tensor([4]), torch.tensor([4]), k[:, :1], v[:, :1])
     assert store.sink.num_used == 1 and store.tail.num_used == 1
     store.release([1])  # the KV manager freed the open block 1
