@@ -38,6 +38,8 @@ from kvwise.cache.kvquant_kv import KVQuantArrays
 from kvwise.kernels.cpu import runtime
 from kvwise.kernels.cpu.simd import (
     load_f16,
+    prefetch,
+    prefetch_l2,
     vexp,
     vfma,
     vfnma,
@@ -60,6 +62,7 @@ _FASTMATH = set(runtime.EXACT_FASTMATH)
 _OPTS = dict(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
 NO_OUTLIER = 255  # kvwise.cache.kvquant.quantizer.NO_OUTLIER
 QUANT, TAIL, SINK = 0, 1, 2  # where a position's row is read from
+PREFETCH_CHUNKS = 4  # how many 16-position chunks ahead the first pass prefetches rows
 
 
 @njit(inline="always", **_OPTS)
@@ -143,10 +146,11 @@ def _values4(rk, vo, values, vtab, cv, nbytes, nv, bits):
 
 @njit(inline="always", **_OPTS)
 def _pv_lanes(w, j, nh, n, kind, row, prow, kh, values, vtab, pools, dims, vo0, nv, inv, out,
-              oo, d, bits):
+              oo, d, block_size, lead, bits):
     """out[oo + hh*d + vo0 ...] = inv[j + hh] * sum_pos w[j + hh, pos] * v_pos[vo0 : vo0 + 16 nv]
     for nh <= 3 query heads (one KV head kh) and nv <= 4 vectors of lanes: each position's value
-    vectors are made once for the heads (from codes, `_value16`, or the fp16 pool row)."""
+    vectors are made once for the heads (from codes, `_values4`, or the fp16 pool row). The
+    `lead` pass (the task's first over the values) prefetches rows a few chunks ahead."""
     k_count, nbytes, cv = dims[0], dims[1], dims[3]
     tail_v, sink_v = pools[1], pools[3]
     a00 = vzero()
@@ -161,32 +165,35 @@ def _pv_lanes(w, j, nh, n, kind, row, prow, kh, values, vtab, pools, dims, vo0, 
     a21 = vzero()
     a22 = vzero()
     a23 = vzero()
-    for pos in range(n):
-        k = kind[pos]
-        if k == QUANT:
-            v0, v1, v2, v3 = _values4(row[pos] * k_count + kh, vo0, values, vtab, cv, nbytes,
-                                      nv, bits)
-        elif k == TAIL:
-            v0, v1, v2, v3 = _pool4(tail_v, (prow[pos] * k_count + kh) * d + vo0, nv)
-        else:
-            v0, v1, v2, v3 = _pool4(sink_v, (prow[pos] * k_count + kh) * d + vo0, nv)
-        p0 = vsplat(w[j, pos])
-        a00 = vfma(p0, v0, a00)
-        a01 = vfma(p0, v1, a01)
-        a02 = vfma(p0, v2, a02)
-        a03 = vfma(p0, v3, a03)
-        if nh > 1:
-            p1 = vsplat(w[j + 1, pos])
-            a10 = vfma(p1, v0, a10)
-            a11 = vfma(p1, v1, a11)
-            a12 = vfma(p1, v2, a12)
-            a13 = vfma(p1, v3, a13)
-        if nh > 2:
-            p2 = vsplat(w[j + 2, pos])
-            a20 = vfma(p2, v0, a20)
-            a21 = vfma(p2, v1, a21)
-            a22 = vfma(p2, v2, a22)
-            a23 = vfma(p2, v3, a23)
+    for c0 in range(0, n, 16):
+        if lead:  # the V rows prefetched by the score pass may have left L1 (and the TLB)
+            _prefetch_values(c0 + PREFETCH_CHUNKS * 16, n, row, block_size, values, dims)
+        for pos in range(c0, min(c0 + 16, n)):
+            k = kind[pos]
+            if k == QUANT:
+                v0, v1, v2, v3 = _values4(row[pos] * k_count + kh, vo0, values, vtab, cv, nbytes,
+                                          nv, bits)
+            elif k == TAIL:
+                v0, v1, v2, v3 = _pool4(tail_v, (prow[pos] * k_count + kh) * d + vo0, nv)
+            else:
+                v0, v1, v2, v3 = _pool4(sink_v, (prow[pos] * k_count + kh) * d + vo0, nv)
+            p0 = vsplat(w[j, pos])
+            a00 = vfma(p0, v0, a00)
+            a01 = vfma(p0, v1, a01)
+            a02 = vfma(p0, v2, a02)
+            a03 = vfma(p0, v3, a03)
+            if nh > 1:
+                p1 = vsplat(w[j + 1, pos])
+                a10 = vfma(p1, v0, a10)
+                a11 = vfma(p1, v1, a11)
+                a12 = vfma(p1, v2, a12)
+                a13 = vfma(p1, v3, a13)
+            if nh > 2:
+                p2 = vsplat(w[j + 2, pos])
+                a20 = vfma(p2, v0, a20)
+                a21 = vfma(p2, v1, a21)
+                a22 = vfma(p2, v2, a22)
+                a23 = vfma(p2, v3, a23)
     _store4(out, oo + vo0, a00, a01, a02, a03, inv[j], nv)
     if nh > 1:
         _store4(out, oo + d + vo0, a10, a11, a12, a13, inv[j + 1], nv)
@@ -245,8 +252,72 @@ def _rows(block_ids, blk0, n, block_size, rows, sink_rows, sink_tokens, row, kin
 
 
 @njit(inline="always", **_OPTS)
-def _scores(q, b, kh, group, h0, n, row, kind, prow, keys, ktab, pools, rope, positions, dims,
-            scale, scores, tile, rbuf, bits):
+def _prefetch_span(arr, start, count, level):
+    """Prefetch the cache lines of arr[start : start + count] (flat elements) into L2
+    (level 2) or L1 (3)."""
+    if count <= 0:
+        return
+    step = 64 // arr.itemsize
+    for e in range(start, start + count, step):
+        if level == 3:
+            prefetch(arr, e)
+        else:
+            prefetch_l2(arr, e)
+    if level == 3:
+        prefetch(arr, start + count - 1)
+    else:
+        prefetch_l2(arr, start + count - 1)
+
+
+@njit(inline="always", **_OPTS)
+def _prefetch_rows(r0, m, keys, values, positions, dims):
+    """prefetch_l2 everything sealed rows r0 .. r0+m-1 (one block's, contiguous) are read
+    from: K and V codes, value scales and zeros, outlier slots, positions (all KV heads)."""
+    k_count, nbytes, ck, cv = dims[0], dims[1], dims[2], dims[3]
+    a, n = r0 * k_count, m * k_count  # (row, KV head) pairs
+    _prefetch_span(keys[0], a * nbytes, n * nbytes, 2)
+    _prefetch_span(values[0], a * nbytes, n * nbytes, 2)
+    _prefetch_span(values[2], a, n, 2)
+    _prefetch_span(values[3], a, n, 2)
+    _prefetch_span(keys[4], a * ck, n * ck, 2)
+    _prefetch_span(keys[5], a * ck, n * ck, 2)
+    _prefetch_span(values[4], a * cv, n * cv, 2)
+    _prefetch_span(values[5], a * cv, n * cv, 2)
+    _prefetch_span(positions, r0, m, 2)
+
+
+@njit(inline="always", **_OPTS)
+def _prefetch_chunk(c0, n, row, block_size, keys, values, positions, dims):
+    """Prefetch the rows of positions c0 .. c0+15 of the request (block by block)."""
+    p = c0
+    end = min(c0 + 16, n)
+    while p < end:
+        m = min(block_size - row[p] % block_size, end - p)  # rows left in p's block
+        _prefetch_rows(row[p], m, keys, values, positions, dims)
+        p += m
+
+
+@njit(inline="always", **_OPTS)
+def _prefetch_values(c0, n, row, block_size, values, dims):
+    """prefetch (to L1) the value rows (codes, scales, zeros, outliers; all KV heads) of
+    positions c0 .. c0+15, block by block."""
+    k_count, nbytes, cv = dims[0], dims[1], dims[3]
+    p = c0
+    end = min(c0 + 16, n)
+    while p < end:
+        m = min(block_size - row[p] % block_size, end - p)
+        a, na = row[p] * k_count, m * k_count  # (row, KV head) pairs
+        _prefetch_span(values[0], a * nbytes, na * nbytes, 3)
+        _prefetch_span(values[2], a, na, 3)
+        _prefetch_span(values[3], a, na, 3)
+        _prefetch_span(values[4], a * cv, na * cv, 3)
+        _prefetch_span(values[5], a * cv, na * cv, 3)
+        p += m
+
+
+@njit(inline="always", **_OPTS)
+def _scores(q, b, kh, group, h0, n, row, kind, prow, keys, ktab, values, pools, rope, positions,
+            dims, block_size, lead, scale, scores, tile, rbuf, bits):
     """scores[j, :n] = scale * q_j . key_pos for the query heads j of KV head kh (task-local
     rows kh*group - h0 ...), 16 keys at a time through the tile."""
     h_count, d = q.shape[1], q.shape[2]
@@ -255,8 +326,17 @@ def _scores(q, b, kh, group, h0, n, row, kind, prow, keys, ktab, pools, rope, po
     cos, sin = rope
     kd = kh * d
     sc = vsplat(scale)
+    if lead:  # the request's first rows: nothing before them to hide the misses behind
+        for c in range(0, PREFETCH_CHUNKS * 16, 16):
+            _prefetch_chunk(c, n, row, block_size, keys, values, positions, dims)
     for c0 in range(0, n, 16):
         m = min(16, n - c0)
+        if lead:
+            # the task's first pass over its rows comes from DRAM in short runs (a block's
+            # rows, blocks scattered): fetch a few chunks ahead, V rows included (P.V reads
+            # them from L2 then)
+            _prefetch_chunk(c0 + PREFETCH_CHUNKS * 16, n, row, block_size, keys, values,
+                            positions, dims)
         for i in range(m):
             p = c0 + i
             r = row[p]
@@ -346,8 +426,8 @@ def attention_task(q, keys, values, rows, pools, rope, dims, block_ids, lens, bl
     ktab = vload(keys[1], 0)
     vtab = vload(values[1], 0)
     for kh in range(kh0, kh1):
-        _scores(q, b, kh, group, h0, n, row, kind, prow, keys, ktab, pools, rope, rows[0], dims,
-                scale, scores, tile, rbuf, bits)
+        _scores(q, b, kh, group, h0, n, row, kind, prow, keys, ktab, values, pools, rope,
+                rows[0], dims, block_size, kh == kh0, scale, scores, tile, rbuf, bits)
     inv = np.empty(hn, np.float32)
     _softmax(scores, hn, n, inv)
     ob = (b * h_count + h0) * d
@@ -358,12 +438,13 @@ def attention_task(q, keys, values, rows, pools, rope, dims, block_ids, lens, bl
             j = kh * group + g - h0
             for i in range(0, d, 64):
                 nv = min(4, (d - i) // 16)
+                lead = kh == kh0 and g == 0 and i == 0
                 if nh == 3 and nv == 4:  # constants: no per-position tests of nh, nv
                     _pv_lanes(scores, j, 3, n, kind, row, prow, kh, values, vtab, pools, dims, i,
-                              4, inv, out, ob + j * d, d, bits)
+                              4, inv, out, ob + j * d, d, block_size, lead, bits)
                 else:
                     _pv_lanes(scores, j, nh, n, kind, row, prow, kh, values, vtab, pools, dims, i,
-                              nv, inv, out, ob + j * d, d, bits)
+                              nv, inv, out, ob + j * d, d, block_size, lead, bits)
             g += nh
 
 

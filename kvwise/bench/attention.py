@@ -111,10 +111,11 @@ def layer_store(fmt: str, k_rows: torch.Tensor, v_rows: torch.Tensor,
                           k_rows.device, calibration=calibration,
                           sink_tokens=calibration.sink_tokens, rope=(cos, sin))
     keys = kvquant_keys(k_rows, calibration, fmt)
-    step = 256 * BLOCK_SIZE  # whole blocks per write: each is quantized as its last row lands
+    step = 256 * BLOCK_SIZE  # whole blocks per write, sealed (quantized) as the engine would
     for i in range(0, k_rows.shape[0], step):
         part = rows[i:i + step]
         store.write(0, part, keys[part], v_rows[part], positions[part])
+        store.seal(torch.unique(part // BLOCK_SIZE).tolist())
     return store.layer(0)
 
 

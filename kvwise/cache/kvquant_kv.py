@@ -131,7 +131,12 @@ class SidePool:
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated (every entry, used or not)."""
         return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        return self.nbytes * self.num_used // self.capacity
 
     def claim(self, block_ids: list[int]) -> None:
         for b in block_ids:
@@ -223,7 +228,8 @@ class KVQuantKV(KVStore):
 
     @property
     def side_bytes(self) -> int:
-        return self.tail.nbytes + self.sink.nbytes
+        """Bytes of the side-pool entries in use (open tails, sinks)."""
+        return self.tail.used_bytes + self.sink.used_bytes
 
     # -- writing -------------------------------------------------------------------------------
 

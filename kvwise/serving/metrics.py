@@ -9,7 +9,8 @@ Series (label `model_name` on all):
   e2e_request_latency_seconds, request_queue_time_seconds, request_prompt_tokens,
   request_generation_tokens
 - gauges (engine snapshot): num_requests_running, num_requests_waiting, kv_cache_usage_perc,
-  num_blocks_used, num_blocks_total, kv_cache_bytes_per_block, kv_cache_bytes_used, prefix_cache_shared_blocks, prefix_cache_private_blocks,
+  num_blocks_used, num_blocks_total, kv_cache_bytes_per_block, kv_cache_bytes_used,
+  prefix_cache_shared_blocks, prefix_cache_private_blocks,
   prefix_cache_cached_blocks, prefix_cache_pinned_blocks
 - counters (engine snapshot): prompt_tokens_total, generation_tokens_total,
   num_preemptions_total, prefix_cache_queries_total, prefix_cache_hits_total

@@ -153,8 +153,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """Inverse of pack_codes: [..., D * bits / 8] uint8 -> codes [..., D] uint8."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bitstream = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], d, bits)
-    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
-    return (bitstream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    """Inverse of pack_codes: [..., D * bits / 8] uint8 -> codes [..., D] uint8. Eight codes
+    take exactly `bits` bytes, so each group is one little-endian word shifted eight ways."""
+    lead = packed.shape[:-1]
+    groups = packed.reshape(*lead, d // 8, bits).to(torch.int32)  # [..., D/8, bits]
+    word = groups[..., 0]
+    for i in range(1, bits):
+        word = word | (groups[..., i] << (8 * i))  # [..., D/8]
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=packed.device)  # [8]
+    codes = (word[..., None] >> shifts) & ((1 << bits) - 1)  # [..., D/8, 8]
+    return codes.reshape(*lead, d).to(torch.uint8)

@@ -187,19 +187,27 @@ def store_kv(typingctx: Any, arr: Any, offset: Any, value: Any) -> Any:
     return types.void(arr, offset, value), codegen
 
 
-@intrinsic
-def prefetch(typingctx: Any, arr: Any, offset: Any) -> Any:
-    """Hint the cache line holding element `offset` of `arr` into the caches (`llvm.prefetch`:
-    read, high locality). No effect on results; an address past the array does not fault."""
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        off = context.cast(builder, args[1], sig.args[1], types.intp)
-        p = _ptr(context, builder, sig.args[0], args[0], off, ir.IntType(8))
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return types.void(arr, offset), codegen
+def _prefetch(locality: int) -> Any:
+    def gen(typingctx: Any, arr: Any, offset: Any) -> Any:
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            off = context.cast(builder, args[1], sig.args[1], types.intp)
+            p = _ptr(context, builder, sig.args[0], args[0], off, ir.IntType(8))
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, locality),
+                              ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return types.void(arr, offset), codegen
+    return intrinsic(gen)
+
+
+# Hint the cache line holding element `offset` of `arr` into the caches (`llvm.prefetch`, read):
+# prefetch with high locality (all levels: prefetcht0 on x86), prefetch_l2 one level lower
+# (prefetcht1: L2 and below, for data needed later than the next few hundred cycles). No
+# effect on results; an address past the array does not fault.
+prefetch = _prefetch(3)
+prefetch_l2 = _prefetch(2)
 
 
 @intrinsic
@@ -576,8 +584,8 @@ vload_lut = _make_vload_lut(LUT_STRATEGY)
 vload_lut_avx2 = _make_vload_lut("avx2")
 vload_lut_generic = _make_vload_lut("generic")
 
-__all__ = ["LUT_STRATEGY", "VEC", "VNNI", "f32x16", "load_f16", "prefetch", "store_kv",
-           "vabsmax32", "vadd", "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma", "vfnma", "vload",
-           "vload_hi4", "vload_i8", "vload_kv", "vload_lo4", "vload_lut", "vload_lut_avx2",
-           "vload_lut_generic", "vmul", "vput", "vscale_pair", "vsplat", "vstore",
-           "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]
+__all__ = ["LUT_STRATEGY", "VEC", "VNNI", "f32x16", "load_f16", "prefetch", "prefetch_l2",
+           "store_kv", "vabsmax32", "vadd", "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma",
+           "vfnma", "vload", "vload_hi4", "vload_i8", "vload_kv", "vload_lo4", "vload_lut",
+           "vload_lut_avx2", "vload_lut_generic", "vmul", "vput", "vscale_pair", "vsplat",
+           "vstore", "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]
