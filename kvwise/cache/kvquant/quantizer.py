@@ -98,10 +98,12 @@ def dequantize(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, dt:
     -> float32 [..., D]: values[code] * scale + zero, outlier channels replaced exactly."""
     x = dt.values[codes.long()] * scale.float() + zero.float()
     if out_idx.shape[-1]:
+        d = x.shape[-1]
         used = out_idx != NO_OUTLIER  # [..., C]
-        ch = torch.where(used, out_idx.long(), torch.zeros_like(out_idx, dtype=torch.long))
-        cur = torch.gather(x, -1, ch)
-        x = x.scatter(-1, ch, torch.where(used, out_val.float(), cur))
+        # unused slots write into a spare column, so they can never land on a used one
+        ch = torch.where(used, out_idx.long(), torch.full_like(out_idx, d, dtype=torch.long))
+        padded = torch.cat([x, torch.zeros_like(x[..., :1])], dim=-1)  # [..., D + 1]
+        x = padded.scatter(-1, ch, torch.where(used, out_val.float(), 0.0))[..., :d]
     return x
 
 

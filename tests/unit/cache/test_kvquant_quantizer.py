@@ -164,3 +164,14 @@ def test_pack_roundtrip_and_layout(lead, d, bits, seed):
 def test_pack_refuses_a_ragged_vector():
     with pytest.raises(AssertionError):
         pack_codes(torch.zeros(1, 5, dtype=torch.uint8), 3)
+
+
+def test_an_outlier_on_channel_0_survives_unused_slots():
+    """Regression: unused slots once scattered onto channel 0, erasing its exact outlier."""
+    x = torch.zeros(1, 1, 16)
+    x[0, 0, 0] = 7.0  # far outside the key range below; the only outlier, two slots
+    zero, scale = fp16_range(torch.full((1, 16), -1.0), torch.full((1, 16), 1.0))
+    dt = uniform_datatype(3)
+    codes, idx, val = quantize_keys(x, zero, scale, dt, 2)
+    assert sorted(idx[0, 0].tolist()) == [0, NO_OUTLIER]
+    assert dequantize(codes, zero, scale, dt, idx, val)[0, 0, 0].item() == 7.0
