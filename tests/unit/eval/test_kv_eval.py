@@ -154,10 +154,9 @@ def test_baseline_ppl_equals_an_independent_full_forward(llm, kv_run):
     assert r.ppl == pytest.approx(ref, rel=1e-4)
     assert (r.greedy_agreement, r.kept_fraction, r.kv_bytes_ratio) == (1.0, 1.0, 1.0)
     assert (argmax == base[0]).float().mean().item() >= 15 / 16  # decode vs prefill kernels
-    # the pseudo-requests gave every block back and cached none of the window's chunks (the
-    # session engine may hold other tests' cached chunks)
+    # the pseudo-requests gave every block back (the session engine may hold other tests'
+    # cached chunks, of this very text too, so "cached nothing" is not checked here)
     assert llm.stats()["num_blocks_used"] == 0
-    assert llm.engine.kv_manager.cached_prefix_tokens(ctx + cont) == 0
 
 
 def test_narrow_formats_bytes_and_bounded_quality(llm, kv_run):
