@@ -1,4 +1,4 @@
-"""`kvwise` command line: generate | chat | eval ppl | calibrate | bench | serve.
+"""`kvwise` command line: generate | chat | eval ppl|quant|kv|passkey | calibrate | bench | serve.
 
 Invariants:
 - Engine flags are declared once (kvwise.config.ENGINE_FLAGS) and map 1:1 to EngineConfig.
@@ -20,6 +20,7 @@ from typing import Any, Optional
 from kvwise.calibration.command import add_calibrate_parser
 from kvwise.config import EngineConfig, add_engine_args, engine_config_from_args, parse_cli_args
 from kvwise.errors import KvwiseError
+from kvwise.eval.passkey import PROMPT_STYLES
 from kvwise.sampling_params import SamplingParams
 
 
@@ -252,6 +253,32 @@ def cmd_eval_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    cfg = engine_config_from_args(args)  # bad engine flags fail before anything loads
+    kv_dtypes = [d.strip() for d in args.kv_cache_dtypes.split(",") if d.strip()]
+    if not kv_dtypes:
+        raise KvwiseError("kv_cache_dtypes: give at least one KV format, e.g. float16,nuq3-1%")
+    for d in kv_dtypes:
+        EngineConfig.from_kwargs(kv_cache_dtype=d)
+    lens = [n.strip() for n in args.context_lens.split(",") if n.strip()]
+    if not lens or not all(n.isdigit() and int(n) >= 1 for n in lens):
+        raise KvwiseError(f"context_lens: give a comma list of token counts >= 1, e.g. "
+                          f"2048,4096,7168; got {args.context_lens!r}")
+    if args.trials < 1:
+        raise KvwiseError(f"trials: must be >= 1, got {args.trials}")
+    from kvwise.eval import passkey
+
+    def make_llm(kv_cache_dtype: str) -> Any:
+        return _make_llm(argparse.Namespace(**{**vars(args), "kv_cache_dtype": kv_cache_dtype}))
+
+    def report(r: passkey.PasskeyResult) -> None:
+        print(json.dumps(r.as_json()) if args.json else passkey.format_line(r), flush=True)
+
+    passkey.measure(make_llm, kv_dtypes, [int(n) for n in lens], args.trials, cfg.seed,
+                    args.prompt_style, report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per setting")
     add_engine_args(e)
     e.set_defaults(func=cmd_eval_kv)
+    e = esub.add_parser("passkey", help="passkey retrieval: a number hidden in filler text, "
+                                        "asked at the end; accuracy per KV format and length "
+                                        "(--seed picks the passkeys and their depths)")
+    e.add_argument("--context-lens", default="2048,4096,7168",
+                   help="comma list of prompt lengths in tokens (exact)")
+    e.add_argument("--trials", type=int, default=20, help="prompts per length")
+    e.add_argument("--kv-cache-dtypes", default="float16,nuq3-1%",
+                   help="comma list of KV formats; every one sees the same prompts")
+    e.add_argument("--prompt-style", choices=PROMPT_STYLES, default="plain",
+                   help="plain text, or wrapped in the model's chat template")
+    e.add_argument("--json", action="store_true", help="one JSON object per setting")
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval_passkey)
 
     add_calibrate_parser(sub)
     _add_optional(sub, "kvwise.bench.cli", "add_bench_parser")

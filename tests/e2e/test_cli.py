@@ -80,13 +80,15 @@ import sys
 import kvwise.cli as cli
 from kvwise.config import parse_cli_args
 for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["bench", "latency", "-h"],
-             ["serve", "--help"], ["generate", "--bogus"], ["bench", "latency", "--runs", "x"]):
+             ["serve", "--help"], ["generate", "--bogus"], ["bench", "latency", "--runs", "x"],
+             ["eval", "passkey", "--help"]):
     try:
         parse_cli_args(cli.build_parser(), argv)
     except SystemExit:
         pass
 assert cli.main(["generate", "--prompt", "hi", "--weight-dtype", "bogus"]) == 2
 assert cli.main(["serve", "--kv-cache-memory", "lots"]) == 2
+assert cli.main(["eval", "passkey", "--context-lens", "4k"]) == 2
 print("HEAVY", sorted(m for m in ("torch", "numba", "transformers", "fastapi", "uvicorn")
                       if m in sys.modules))
 """
