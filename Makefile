@@ -45,7 +45,8 @@ test: install
 	# (batch invariance: the int4 + int8-KV case only, the paths the cap changes most; CI time)
 	KVWISE_CPU_ISA=avx2 GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -rs -p no:cacheprovider \
 		tests/unit/kernels tests/unit/model/test_quant_kernels.py tests/unit/model/test_fused_decode.py \
-		tests/unit/attention/test_cpu_decode.py tests/unit/model/test_cpu_ops.py \
+		tests/unit/attention/test_cpu_decode.py tests/unit/attention/test_cpu_decode_kvquant.py \
+		tests/unit/model/test_cpu_ops.py \
 		'tests/numerics/test_cache_invariance.py::test_seeded_sample_same_cached_uncached_chunked_batched[int4-int8]'
 
 serve: install

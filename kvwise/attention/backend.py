@@ -67,7 +67,9 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """A backend may also define `prepare(meta) -> Any`: the runner then calls it once per step,
     after building `meta`, and stores the result in `meta.backend_data` for every layer (extra
-    per-step metadata such as two-phase's shared-chunk plan). Backends without it cost nothing."""
+    per-step metadata such as two-phase's shared-chunk plan). Backends without it cost nothing.
+    Likewise an optional `warm(store: KVStore) -> None`, called once when the runner is built:
+    compile (or load from numba's cache) the kernels the backend will run on that store."""
 
     name: str
 

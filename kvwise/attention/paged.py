@@ -7,8 +7,8 @@ Invariants:
   keeps, passed in by the model, never read back through the format); earlier context is
   gathered from the store in whole blocks, with a position-based causal mask.
 - History is read only through the layer's `LayerKV` (format-independent): the CPU decode
-  kernel takes `kv.kernel` (dense or int8 arrays in place), the PyTorch paths dequantized rows
-  (KVQuant formats too, until their kernel lands).
+  kernel takes `kv.kernel` (dense or int8 arrays in place), the KVQuant one `kv.kvquant` (codes
+  in place, cpu_decode_kvquant), the PyTorch paths dequantized rows.
 - Grouped-query attention: query head h reads KV head h // (H // K).
 - Batch-invariant mode (`meta.row_context_lens` set): every row, prefill rows included, is a
   decode-kernel query over the cache, so a token's attention output is the same bits whether its
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kvwise.attention.backend import AttentionMetadata, PrefillSpan, register_backend
-from kvwise.cache.kv_store import LayerKV
+from kvwise.cache.kv_store import KVStore, LayerKV
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKV, block_ids: torch.Tensor, mask: torch.Tensor,
@@ -130,10 +130,19 @@ class PagedBackend:
     def __init__(self) -> None:
         # CPU decode rows go through one numba kernel reading the cache in place (cpu_decode.py:
         # ~90 -> ~35 us per layer at batch 1, 25x faster than the padded gather at batch 4).
-        from kvwise.attention import cpu_decode
+        from kvwise.attention import cpu_decode, cpu_decode_kvquant
 
         cpu_decode.warmup()
         self._cpu_decode = cpu_decode
+        self._cpu_kvquant = cpu_decode_kvquant  # KVQuant codes read in place, RoPE on the fly
+
+    def warm(self, store: KVStore) -> None:
+        """Compile (or load from numba's cache) the kernels decode will run on this store: the
+        KVQuant kernel (a cold compile takes ~20-40 s, so it happens here, at engine start, and
+        only for an engine that stores a KVQuant format in fp32 compute)."""
+        arrays = store.layer(0).kvquant
+        if arrays is not None and store.compute_dtype == torch.float32:
+            self._cpu_kvquant.warmup(arrays.bits)
 
     def _decode(self, q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
@@ -142,6 +151,12 @@ class PagedBackend:
             return self._cpu_decode.decode_attention(q, kern, meta.decode_block_ids,
                                                      meta.decode_context_lens, meta.block_size,
                                                      scale)
+        if kern is None and self._cpu_kvquant.supported(q):
+            arrays = kv.kvquant
+            if arrays is not None:
+                return self._cpu_kvquant.decode_attention_kvquant(
+                    q, arrays, meta.decode_block_ids, meta.decode_context_lens,
+                    meta.block_size, scale)
         return decode_attention(q, kv, meta.decode_block_ids, meta.decode_mask, scale)
 
     def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],

@@ -28,16 +28,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from kvwise.attention import AttentionMetadata, available_backends, get_backend
 from kvwise.bench import report
-from kvwise.cache.kv_store import LayerKV, available_formats, make_kv_store
+from kvwise.cache.kv_store import LayerKV, available_formats, format_class, make_kv_store
+from kvwise.cache.kvquant.calibration import Calibration
+from kvwise.engine.kv_setup import shipped_calibration
+from kvwise.kv_names import parse_format_name
+from kvwise.model.rope import rope_tables
 
 BENCH = "attention"
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16  # SmolLM2-135M
+ROPE_THETA = 100000.0  # SmolLM2-135M's rope_theta (KVQuant stores rotate keys on read)
+CALIBRATION_MODEL = "smollm2-135m"  # whose shipped KVQuant calibration the bench reads
 
 
 @dataclass(frozen=True)
@@ -69,21 +75,90 @@ def _backends(value: str) -> list[str]:
 
 def _formats(value: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in available_formats()]
+    unknown = []
+    for n in names:
+        try:
+            format_class(n)
+        except ValueError:
+            unknown.append(n)
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown KV format(s) {unknown}; choose from {', '.join(available_formats())}")
+            f"unknown KV format(s) {unknown}; choose from {', '.join(available_formats())} or a "
+            "KVQuant name (nuq4|nuq3|nuq2|int4|int3|int2, optional -X% outliers)")
     return names
 
 
-def layer_store(fmt: str, k_rows: torch.Tensor, v_rows: torch.Tensor) -> LayerKV:
+def layer_store(fmt: str, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                calibration: Optional[Calibration] = None,
+                positions: Optional[torch.Tensor] = None) -> LayerKV:
     """Layer 0 of a one-layer `fmt` store holding these [N*S, K, D] rows (as the engine would
-    have written them: rounded or quantized by the format)."""
+    have written them: rounded or quantized by the format). KVQuant formats take `calibration`
+    (one layer, `kvquant_calibration`) and the rows' `positions` [N*S] (`row_positions`), and
+    store keys before RoPE: the rows become pre-RoPE keys inside the calibrated channel ranges
+    (see `kvquant_keys`)."""
     shape = SimpleNamespace(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM)
+    rows = torch.arange(k_rows.shape[0], device=k_rows.device)
+    if parse_format_name(fmt) is None:
+        store = make_kv_store(fmt, shape, k_rows.shape[0] // BLOCK_SIZE, BLOCK_SIZE,
+                              torch.float32, k_rows.device)
+        store.write(0, rows, k_rows, v_rows)
+        return store.layer(0)
+    if calibration is None or positions is None:
+        raise ValueError(f"KV format {fmt!r} needs a calibration and the rows' positions")
+    cos, sin = rope_tables(HEAD_DIM, ROPE_THETA, None, int(positions.max()) + 1, torch.float32,
+                           k_rows.device)
     store = make_kv_store(fmt, shape, k_rows.shape[0] // BLOCK_SIZE, BLOCK_SIZE, torch.float32,
-                          k_rows.device)
-    store.write(0, torch.arange(k_rows.shape[0], device=k_rows.device), k_rows, v_rows)
+                          k_rows.device, calibration=calibration,
+                          sink_tokens=calibration.sink_tokens, rope=(cos, sin))
+    keys = kvquant_keys(k_rows, calibration, fmt)
+    step = 256 * BLOCK_SIZE  # whole blocks per write, sealed (quantized) as the engine would
+    for i in range(0, k_rows.shape[0], step):
+        part = rows[i:i + step]
+        store.write(0, part, keys[part], v_rows[part], positions[part])
+        store.seal(torch.unique(part // BLOCK_SIZE).tolist())
     return store.layer(0)
+
+
+def row_positions(cases: list[Case], num_blocks: int) -> torch.Tensor:
+    """[N*S] long: each row's position in the first case whose tables hold its block (a block
+    at table index j holds positions j*S ..), 0 for rows of no table. KVQuant keys are rotated
+    at these positions on read, from RoPE table rows the requests share, as in the engine."""
+    block_pos = [-1] * num_blocks
+    for case in cases:
+        for table in case.tables:
+            for j, b in enumerate(table):
+                if block_pos[b] < 0:
+                    block_pos[b] = j * BLOCK_SIZE
+    first = torch.tensor([max(p, 0) for p in block_pos], dtype=torch.long)
+    return (first[:, None] + torch.arange(BLOCK_SIZE)).reshape(-1)
+
+
+def kvquant_keys(k_rows: torch.Tensor, calibration: Calibration, fmt: str) -> torch.Tensor:
+    """k_rows [N*S, K, D] ~ N(0, 1) -> pre-RoPE keys zero + scale * k / 2.5 per (KV head,
+    channel) of the calibration's key ranges: about 1.2% of the elements fall outside a range
+    (|k| > 2.5), near the outlier fraction of the -1% formats, as real keys do."""
+    spec = parse_format_name(fmt)
+    assert spec is not None, fmt
+    t = calibration.layer_tables(spec)[0]
+    return t.k_zero.float() + t.k_scale.float() * k_rows / 2.5
+
+
+def kvquant_calibration(path: Optional[str], layer: Optional[int] = None) -> Calibration:
+    """One layer (default: the middle one) of a KVQuant calibration file, as a one-layer
+    calibration for the bench's one-layer stores; `path` None: the file shipped for the
+    bundled model (SmolLM2-135M, whose shapes the bench uses)."""
+    path = path or shipped_calibration(CALIBRATION_MODEL)
+    if path is None:
+        raise ValueError(f"no KVQuant calibration shipped for {CALIBRATION_MODEL}; pass "
+                         "--kv-quant-calibration (make one with `kvwise calibrate`)")
+    cal = Calibration.load(path)
+    n = cal.model["num_layers"]
+    i = n // 2 if layer is None else layer
+    ranges = {pct: {name: [r[name][i]] for name in ("zero", "scale")}
+              for pct, r in cal.key_ranges.items()}
+    formats = {name: {key: [f[key][i]] for key in f} for name, f in cal.formats.items()}
+    return Calibration(dict(cal.model, num_layers=1), cal.source, cal.sink_tokens, ranges,
+                       formats, cal.path)
 
 
 def add_attention_bench_parser(kinds: Any) -> None:
@@ -102,6 +177,9 @@ def add_attention_bench_parser(kinds: Any) -> None:
     p.add_argument("--kv-cache-dtypes", type=_formats, default=["float32"],
                    help="comma list of KV formats the caches are stored in (each backend runs "
                         "on each; lines of a non-float32 format carry a -kv<format> suffix)")
+    p.add_argument("--kv-quant-calibration", default=None,
+                   help="KVQuant calibration file for KVQuant formats (its middle layer is "
+                        f"used; default: the file shipped for {CALIBRATION_MODEL})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-md", default="BENCHMARKS.md",
@@ -243,7 +321,16 @@ def run_attention_bench(args: argparse.Namespace) -> int:
     shape = (num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_rows = torch.randn(shape, generator=gen)  # [N*S, K, D]
     v_rows = torch.randn(shape, generator=gen)  # [N*S, K, D]
-    stores = {fmt: layer_store(fmt, k_rows, v_rows) for fmt in args.kv_cache_dtypes}
+    calibration = None
+    if any(parse_format_name(f) is not None for f in args.kv_cache_dtypes):
+        try:
+            calibration = kvquant_calibration(args.kv_quant_calibration)
+        except ValueError as e:  # CalibrationError included
+            print(f"error: --kv-quant-calibration: {e}", file=sys.stderr)
+            return 2
+    positions = row_positions(cases, num_blocks)
+    stores = {fmt: layer_store(fmt, k_rows, v_rows, calibration, positions)
+              for fmt in args.kv_cache_dtypes}
     print(f"[bench] attention: {args.num_requests} requests, {threads} threads, "
           f"backends={','.join(args.backends)}, kv formats={','.join(args.kv_cache_dtypes)}",
           file=sys.stderr, flush=True)

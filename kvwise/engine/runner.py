@@ -8,6 +8,8 @@ Invariants:
 - A request without prompt logprobs adds nothing to a step (no per-token work on the hot path).
 - All per-step index tensors (slot rows, decode gather rows and mask) are built here once and
   shared by every layer; a backend with a `prepare(meta)` hook adds its own, once per step.
+- A backend's optional `warm(store)` hook runs here, once, at engine start: kernels that depend
+  on the store's format compile before the first step, never inside one.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class ModelRunner:
         self.block_size = kv.block_size
         # optional per-step hook of backends that need more metadata (two-phase); None for paged
         self._prepare_backend = getattr(backend, "prepare", None)
+        warm = getattr(backend, "warm", None)  # optional: compile the store's kernels now
+        if warm is not None:
+            warm(kv)
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         s = self.block_size

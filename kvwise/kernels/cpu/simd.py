@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from llvmlite import ir
-from numba.core import cgutils, types
+from numba.core import cgutils, errors, types
 from numba.extending import intrinsic, models, register_model
 
 from kvwise.kernels.cpu.features import cpu_features
@@ -187,19 +187,27 @@ def store_kv(typingctx: Any, arr: Any, offset: Any, value: Any) -> Any:
     return types.void(arr, offset, value), codegen
 
 
-@intrinsic
-def prefetch(typingctx: Any, arr: Any, offset: Any) -> Any:
-    """Hint the cache line holding element `offset` of `arr` into the caches (`llvm.prefetch`:
-    read, high locality). No effect on results; an address past the array does not fault."""
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        off = context.cast(builder, args[1], sig.args[1], types.intp)
-        p = _ptr(context, builder, sig.args[0], args[0], off, ir.IntType(8))
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return types.void(arr, offset), codegen
+def _prefetch(locality: int) -> Any:
+    def gen(typingctx: Any, arr: Any, offset: Any) -> Any:
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            off = context.cast(builder, args[1], sig.args[1], types.intp)
+            p = _ptr(context, builder, sig.args[0], args[0], off, ir.IntType(8))
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, locality),
+                              ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return types.void(arr, offset), codegen
+    return intrinsic(gen)
+
+
+# Hint the cache line holding element `offset` of `arr` into the caches (`llvm.prefetch`, read):
+# prefetch with high locality (all levels: prefetcht0 on x86), prefetch_l2 one level lower
+# (prefetcht1: L2 and below, for data needed later than the next few hundred cycles). No
+# effect on results; an address past the array does not fault.
+prefetch = _prefetch(3)
+prefetch_l2 = _prefetch(2)
 
 
 @intrinsic
@@ -207,6 +215,14 @@ def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     """a * b + c, lane-wise, fused."""
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
         return _fma(builder, *args)
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vfnma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """c - a * b, lane-wise, fused (one vfnmadd on x86)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        return _fma(builder, builder.fneg(args[0]), args[1], args[2])
     return f32x16(a, b, c), codegen
 
 
@@ -444,7 +460,132 @@ def vstore_rint_i8(typingctx: Any, arr: Any, offset: Any, vec: Any) -> Any:
     return types.void(arr, offset, vec), codegen
 
 
-__all__ = ["VEC", "VNNI", "f32x16", "load_f16", "prefetch", "store_kv", "vabsmax32", "vadd",
-           "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma", "vload", "vload_hi4", "vload_i8",
-           "vload_kv", "vload_lo4", "vmul", "vscale_pair", "vsplat", "vstore",
-           "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]
+
+@intrinsic
+def vput(typingctx: Any, vec: Any, base: Any, index: Any, value: Any) -> Any:
+    """vec with lane j set to value (float32) where base + j == index, the other lanes as they
+    are (none changes when index is outside base .. base+15): a compare and a blend, no branch
+    (sparse patches such as KVQuant's outliers). base and index must fit in int32."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        zero = ir.Constant(i32, 0)
+        undef = ir.Constant(_V16I32, ir.Undefined)
+
+        def splat_i32(x: Any, ty: Any) -> Any:
+            x = builder.trunc(context.cast(builder, x, ty, types.int64), i32)
+            return builder.shuffle_vector(builder.insert_element(undef, x, zero), undef,
+                                          ir.Constant(_V16I32, [0] * VEC))
+
+        lanes = builder.add(ir.Constant(_V16I32, list(range(VEC))),
+                            splat_i32(args[1], sig.args[1]))
+        hit = builder.icmp_signed("==", lanes, splat_i32(args[2], sig.args[2]))
+        v = context.cast(builder, args[3], sig.args[3], types.float32)
+        return builder.select(hit, _splat(builder, v), args[0])
+    return f32x16(vec, base, index, value), codegen
+
+# -- lookup-table codes (KVQuant's packed 2..4-bit KV codes) ----------------------------------
+
+
+def _lut_strategy() -> str:
+    """How `vload_lut` indexes its table: one `vpermps` zmm (AVX-512F), two ymm `vpermps` per
+    half plus a blend on bit 3 (AVX2), or lane by lane (anything else). Follows the cap numba
+    compiles for: LLVM cannot lower an x86 intrinsic for a target without it."""
+    f = cpu_features()
+    return "avx512" if f.avx512f else "avx2" if f.avx2 else "generic"
+
+
+LUT_STRATEGY = _lut_strategy()
+
+
+def _unpack_codes16(builder: ir.IRBuilder, packed: Any, bits: int) -> Any:
+    """<2*bits x i8> little-endian bitstream (bit i of code j at bit j*bits + i) -> <16 x i32>
+    codes, with constant shuffles and shifts only: lane j takes the byte (or the two bytes)
+    holding bits j*bits .. j*bits + bits - 1."""
+    i32 = ir.IntType(32)
+    nbytes = 2 * bits
+    shifts = [(j * bits) % 8 for j in range(VEC)]
+    if 8 % bits == 0:  # a code never straddles two bytes
+        mask = [(j * bits) // 8 for j in range(VEC)]
+        lanes = builder.zext(builder.shuffle_vector(packed, packed, ir.Constant(
+            ir.VectorType(i32, VEC), mask)), _V16I32)
+    else:  # a little-endian 16-bit window from the code's first byte
+        mask = []
+        for j in range(VEC):
+            lo = (j * bits) // 8
+            mask += [lo, min(lo + 1, nbytes - 1)]
+        pairs = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(i32, 2 * VEC),
+                                                                   mask))
+        lanes = builder.zext(builder.bitcast(pairs, ir.VectorType(ir.IntType(16), VEC)),
+                             _V16I32)
+    lanes = builder.lshr(lanes, ir.Constant(_V16I32, shifts))
+    return builder.and_(lanes, ir.Constant(_V16I32, [(1 << bits) - 1] * VEC))
+
+
+def _lut16(builder: ir.IRBuilder, table: Any, codes: Any, bits: int, strategy: str) -> Any:
+    """table <16 x float> (2^bits entries, repeated to fill 16 lanes), codes <16 x i32>
+    (< 2^bits) -> <16 x float> of table[codes]."""
+    i32 = ir.IntType(32)
+    if strategy == "avx512":
+        fnty = ir.FunctionType(_V16F, [_V16F, _V16I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty,
+                                            "llvm.x86.avx512.permvar.sf.512")
+        return builder.call(fn, [table, codes])
+    if strategy == "avx2":
+        v8f = ir.VectorType(_F32, 8)
+        v8i = ir.VectorType(i32, 8)
+        fnty = ir.FunctionType(v8f, [v8f, v8i])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.permps")
+        lo_half = ir.Constant(v8i, list(range(8)))
+        hi_half = ir.Constant(v8i, list(range(8, 16)))
+        t_lo = builder.shuffle_vector(table, table, lo_half)
+        t_hi = builder.shuffle_vector(table, table, hi_half)
+        halves = []
+        for part in (lo_half, hi_half):
+            idx = builder.shuffle_vector(codes, codes, part)
+            got = builder.call(fn, [t_lo, idx])  # vpermps reads the index's low 3 bits
+            if bits > 3:  # 16 entries: the upper 8 where bit 3 is set
+                upper = builder.icmp_unsigned("!=", builder.and_(idx, ir.Constant(v8i, [8] * 8)),
+                                              ir.Constant(v8i, [0] * 8))
+                got = builder.select(upper, builder.call(fn, [t_hi, idx]), got)
+            halves.append(got)
+        return builder.shuffle_vector(halves[0], halves[1],
+                                      ir.Constant(ir.VectorType(i32, VEC), list(range(VEC))))
+    out = ir.Constant(_V16F, ir.Undefined)
+    for j in range(VEC):
+        lane = ir.Constant(i32, j)
+        out = builder.insert_element(out, builder.extract_element(
+            table, builder.extract_element(codes, lane)), lane)
+    return out
+
+
+def _make_vload_lut(strategy: str) -> Any:
+    def gen(typingctx: Any, table: Any, arr: Any, offset: Any, bits: Any) -> Any:
+        if not isinstance(bits, types.IntegerLiteral):
+            raise errors.RequireLiteralValue(bits)
+        b = bits.literal_value
+        if b not in (1, 2, 3, 4):
+            raise TypeError(f"vload_lut: bits must be 1..4, got {b}")
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            off = context.cast(builder, args[2], sig.args[2], types.intp)
+            vty = ir.VectorType(ir.IntType(8), 2 * b)
+            packed = builder.load(_ptr(context, builder, sig.args[1], args[1], off, vty),
+                                  align=1)
+            return _lut16(builder, args[0], _unpack_codes16(builder, packed, b), b, strategy)
+        return f32x16(table, arr, offset, bits), codegen
+    return intrinsic(gen)
+
+
+# table f32x16 (2^bits entries repeated over the 16 lanes), uint8 arr: the 16 codes packed in
+# arr[offset : offset + 2*bits] (little-endian bitstream), bits a literal 1..4 -> f32x16 of
+# table[code_j]. Reads exactly 2*bits bytes. vload_lut uses LUT_STRATEGY; the others are the
+# alternatives, for tests (an x86 one only where the CPU, as capped, has its instructions).
+vload_lut = _make_vload_lut(LUT_STRATEGY)
+vload_lut_avx2 = _make_vload_lut("avx2")
+vload_lut_generic = _make_vload_lut("generic")
+
+__all__ = ["LUT_STRATEGY", "VEC", "VNNI", "f32x16", "load_f16", "prefetch", "prefetch_l2",
+           "store_kv", "vabsmax32", "vadd", "vdot_q4q8", "vdot_q4q8_half", "vexp", "vfma",
+           "vfnma", "vload", "vload_hi4", "vload_i8", "vload_kv", "vload_lo4", "vload_lut",
+           "vload_lut_avx2", "vload_lut_generic", "vmul", "vput", "vscale_pair", "vsplat",
+           "vstore", "vstore_rint_i8", "vsub", "vsum", "vsum16", "vzero"]
