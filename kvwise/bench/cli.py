@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Optional, Union
 
 from kvwise.bench import report
+from kvwise.bench.kv_memory import add_kv_memory_bench_parser
 from kvwise.bench.latency import latency_call
 from kvwise.bench.peers import PEER_NAMES, RUNNERS, PeerUnavailable, Runner
 from kvwise.bench.prefix import add_prefix_bench_parser
@@ -184,7 +185,8 @@ def _run_attention(args: argparse.Namespace) -> int:
 
 # Each adds one `kvwise bench <kind>` sub-subcommand that sets func=; extend here (e.g. serve).
 BENCH_KINDS: list[Callable[[Any], None]] = [_add_latency, _add_throughput, add_serving_bench_parser,
-                                             _add_attention, add_prefix_bench_parser]
+                                             _add_attention, add_prefix_bench_parser,
+                                             add_kv_memory_bench_parser]
 
 
 def add_bench_parser(subparsers: Any) -> None:

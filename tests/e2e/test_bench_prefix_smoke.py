@@ -49,3 +49,31 @@ def test_prefix_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert peaks["sharing_paged"] == peaks["sharing_two_phase"] == peaks["sharing_off"] / 2
     assert "<!-- kvwise-bench:prefix -->" in md.read_text()
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kv_memory_bench_counts_what_the_budget_holds(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget of 11 fp16 blocks (16 tokens x 30 layers x 3 KV heads x 64 x K,V x 2 bytes) holds
+    two requests of 64 + 4 tokens (5 blocks each); nuq3-1% blocks are ~4x smaller, so all five
+    requests run at once."""
+    md = tmp_path / "BENCHMARKS.md"
+    fp16_block = 16 * 30 * 3 * 64 * 2 * 2
+    lines = _run(capsys, ["kv-memory", "--kv-cache-dtypes", "float16,nuq3-1%",
+                          "--kv-cache-memory", str(11 * fp16_block), "--num-requests", "5",
+                          "--prompt-len", "64", "--output-len", "4", "--threads", "1",
+                          "--output-md", str(md)])
+    got = {(x["engine"], x["metric"]): float(x["median"]) for x in lines
+           if x["kind"] == "kv-memory"}
+    assert got[("float16", "bytes_per_token")] == fp16_block / 16
+    assert got[("float16", "max_concurrent")] == 2
+    assert got[("nuq3-1%", "max_concurrent")] == 5
+    assert got[("nuq3-1%", "side_bytes_per_request")] == 17 * 30 * 3 * 64 * 2 * 2  # tail + sink
+    assert got[("nuq3-1%", "bytes_per_token")] < got[("float16", "bytes_per_token")] / 4
+    ratio = next(x for x in lines if x["kind"] == "ratio")
+    assert ratio["pair"] == "nuq3-1%/float16" and float(ratio["max_concurrent"]) == 2.5
+    assert "<!-- kvwise-bench:kv-memory -->" in md.read_text()
+
+
+def test_kv_memory_bench_needs_a_fixed_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kv-memory", "--kv-cache-dtypes", "float16", "--num-requests", "2"]) == 2
+    assert "kv_cache_memory" in capsys.readouterr().err
