@@ -5,7 +5,10 @@ Invariants:
   whose ids and mask were built once per step (shared by every layer).
 - A prefill span attends to its own tokens through the step's fresh K/V (the values the store
   keeps, passed in by the model, never read back through the format); earlier context is
-  gathered from the store in whole blocks, with a position-based causal mask.
+  gathered from the store in whole blocks, with a position-based causal mask. Over a format
+  that `seals_later` (KVQuant) the history is still read once per layer: queries run in
+  windows of whole blocks, each a masked SDPA over the sealed rows before its blocks and the
+  as-stored rows of its blocks.
 - History is read only through the layer's `LayerKV` (format-independent): the CPU decode
   kernel takes `kv.kernel` (dense or int8 arrays in place), the KVQuant one `kv.kvquant` (codes
   in place, cpu_decode_kvquant), the PyTorch paths dequantized rows.
@@ -62,6 +65,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pri
     return out[0].transpose(0, 1)  # [Tq, H, D]
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [Tq, H, D]; k, v [C, K, D]; mask [Tq, C] bool (True = attend) -> [Tq, H, D]."""
+    h, kh = q.shape[1], k.shape[1]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                         enable_gqa=kh != h)
+    return out[0].transpose(0, 1)
+
+
 def step_rows(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], kv: LayerKV,
               meta: AttentionMetadata, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V [n, K, D] of the step's tokens in `rows`: the fresh rows the model passed, or (None:
@@ -99,29 +112,50 @@ def _span_by_block(q: torch.Tensor, k_new: Optional[torch.Tensor],
                    v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
                    span: PrefillSpan, scale: float, out: torch.Tensor) -> None:
     """One prefill span over a format whose rows read differently once sealed (KVQuant's
-    open tail): the queries of each block attend to that block's rows as stored (the step's
-    fresh rows) and to every earlier block sealed, exactly what a decode token or a later
-    chunk at the same position reads, so the output does not depend on where a chunk ends."""
+    open tail): a query attends to the rows of its own block as stored (the step's fresh rows,
+    and earlier rows of an open block as the store keeps them) and to every earlier block
+    sealed, exactly what a decode token or a later chunk at the same position reads, so the
+    output does not depend on where a chunk ends.
+
+    History is read once per layer (sealed view up to the last query's block, as-stored view
+    from the first query's block on); queries run in windows of whole blocks, each one masked
+    SDPA over [sealed rows before its last block ; as-stored rows of its blocks]."""
     s = meta.block_size
     rows = slice(span.start, span.start + span.num_query_tokens)
     k_own, v_own = step_rows(k_new, v_new, kv, meta, rows)  # [Tq, K, D] as stored
     prior, ctx = span.num_prior_tokens, span.num_context_tokens
-    if span.context_block_ids is None:
-        k_seal, v_seal = kv.store.gather_rows_sealed(kv.layer, meta.slot_mapping[rows])
+    b0 = prior // s * s  # first position of the first query's block
+    sealed_end = (ctx - 1) // s * s  # first position of the last query's block
+    ids = span.context_block_ids
+    if ids is None:  # prior == 0: the span's own rows are its whole context
+        own_rows = meta.slot_mapping[rows]
+        k_seal, v_seal = kv.store.gather_rows_sealed(kv.layer, own_rows[:sealed_end])
         k_as, v_as = k_own, v_own
     else:
-        k_seal, v_seal = kv.gather_blocks_sealed(span.context_block_ids)  # [C', K, D]
-        k_as, v_as = kv.gather_blocks(span.context_block_ids)
-        k_as[prior:ctx], v_as[prior:ctx] = k_own, v_own
-    first = prior  # context position of the first query of the current block
-    while first < ctx:
-        end = min(ctx, (first // s + 1) * s)  # the queries in this block
-        own = slice(first // s * s, end)
-        k, v = k_seal[:end].clone(), v_seal[:end].clone()  # [end, K, D]
-        k[own], v[own] = k_as[own], v_as[own]
-        qr = slice(span.start + first - prior, span.start + end - prior)
-        out[qr] = prefill_attention(q[qr], k.to(q.dtype), v.to(q.dtype), first, scale)
-        first = end
+        k_seal, v_seal = kv.gather_blocks_sealed(ids[:sealed_end // s])
+        if prior > b0:  # earlier rows of the open block the span starts in, as stored
+            head = ids[b0 // s] * s + torch.arange(prior - b0, device=ids.device)
+            k_head, v_head = kv.gather_rows(head)
+            k_as, v_as = torch.cat([k_head, k_own]), torch.cat([v_head, v_own])
+        else:
+            k_as, v_as = k_own, v_own
+    a = prior
+    while a < ctx:
+        e = min(ctx, a // s * s + _WINDOW * s)  # queries a..e-1, whole blocks but the last
+        ba, be = a // s * s, (e - 1) // s * s
+        pos = torch.arange(a, e, device=q.device)[:, None]  # [nq, 1]
+        own_start = pos // s * s
+        as_pos = torch.arange(ba, e, device=q.device)[None, :]
+        mask = torch.cat([torch.arange(be, device=q.device)[None, :] < own_start,
+                          (as_pos >= own_start) & (as_pos <= pos)], dim=1)  # [nq, be + e - ba]
+        k = torch.cat([k_seal[:be], k_as[ba - b0:e - b0]]).to(q.dtype)
+        v = torch.cat([v_seal[:be], v_as[ba - b0:e - b0]]).to(q.dtype)
+        qr = slice(span.start + a - prior, span.start + e - prior)
+        out[qr] = masked_attention(q[qr], k, v, mask, scale)
+        a = e
+
+
+_WINDOW = 16  # blocks of queries per masked SDPA in _span_by_block
 
 
 class PagedBackend:

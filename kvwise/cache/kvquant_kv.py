@@ -6,10 +6,11 @@ kvwise.cache.kvquant.quantizer, tables from kvwise.cache.kvquant.calibration).
 Where a token's K/V live:
 - **Open tail.** A block that is not full keeps its rows in fp16 in a side pool (one entry of
   S rows per open block, claimed by the block's first write). The step that writes a block's
-  last row quantizes the block from those fp16 rows, layer by layer, and the entry is released
-  after the last layer: from then on every reader sees the codes. Cost: one fp16 block per
-  open block (about one per running request), `reserved_bytes` ahead for `max_num_seqs` of
-  them; the pool grows if more are open (counted in `side_bytes`).
+  last row quantizes the block from those fp16 rows, once per layer as that layer's write
+  lands (so later blocks of the same prompt read the codes without quantizing again), and
+  `seal` releases the entry after the step: from then on every reader sees the codes. Cost:
+  one fp16 block per open block (about one per running request), `reserved_bytes` ahead for
+  `max_num_seqs` of them; the pool grows if more are open (counted in `side_bytes`).
 - **Sink.** Rows at positions < `sink_tokens` (the first token by default) keep their fp16
   values after their block is quantized, in a second side pool of `sink_tokens` rows per block
   holding them (again about one per request; a prefix-shared first block shares its entry).
@@ -202,6 +203,9 @@ class KVQuantKV(KVStore):
         self.tail = SidePool(num_blocks, block_size, *args, max_num_seqs, device)
         # [L, N]: whether a layer of a block reads its tail entry (written, not yet quantized)
         self.open = torch.zeros((shape.num_layers, num_blocks), dtype=torch.bool)
+        # [L, N]: an open block's codes are already written (its last row came this step, so
+        # `write` quantized it once; `seal` and the sealed view reuse the codes)
+        self.coded = torch.zeros_like(self.open)
         self.sink = SidePool(num_blocks, max(1, sink_tokens), *args, max_num_seqs, device)
 
     # -- sizing ------------------------------------------------------------------------------
@@ -251,7 +255,24 @@ class KVQuantKV(KVStore):
         self.open[layer, blocks] = True
         self.tail.k[layer, trow] = k.half()
         self.tail.v[layer, trow] = v.half()
+        self._code_filled(layer, blocks[offsets == s - 1])
         return self.gather_rows(layer, slots)
+
+    def _code_filled(self, layer: int, blocks: torch.Tensor) -> None:
+        """Blocks whose last row this step wrote will be sealed at its end: quantize this
+        layer of them now, once, from their fp16 tail rows (a row's codes depend on its own
+        values only), so the sealed view a later block of the same prompt reads and `seal`
+        reuse the codes. Readers still see the tail rows until `seal`."""
+        if not blocks.numel():
+            return
+        s = self.block_size
+        nb = blocks.numel()
+        rows = (blocks[:, None] * s + torch.arange(s)).reshape(-1)
+        trow = self.tail.row_index(blocks.repeat_interleave(s), torch.arange(s).repeat(nb))
+        codes = self._quantize(layer, self.tail.k[layer, trow], self.tail.v[layer, trow])
+        for name, value in codes.items():
+            getattr(self, name)[layer, rows] = value
+        self.coded[layer, blocks] = True
 
     def seal(self, block_ids: list[int]) -> None:
         """These blocks are full and immutable: quantize every layer from the tail entries,
@@ -267,15 +288,19 @@ class KVQuantKV(KVStore):
         sink_blocks = [int(b) for b in blocks if n and self.positions[int(b) * s] < n]
         self.sink.claim(sink_blocks)
         for layer in range(self.num_layers):
-            codes = self._quantize(layer, self.tail.k[layer, trow], self.tail.v[layer, trow])
-            for name, value in codes.items():
-                getattr(self, name)[layer, rows] = value
+            todo = ~self.coded[layer, blocks].repeat_interleave(s)  # [nb*S] rows to quantize
+            if todo.any():
+                codes = self._quantize(layer, self.tail.k[layer, trow[todo]],
+                                       self.tail.v[layer, trow[todo]])
+                for name, value in codes.items():
+                    getattr(self, name)[layer, rows[todo]] = value
             for b in sink_blocks:
                 src = self.tail.row_index(torch.full((n,), b), torch.arange(n))
                 dst = self.sink.row_index(torch.full((n,), b), torch.arange(n))
                 self.sink.k[layer, dst] = self.tail.k[layer, src]
                 self.sink.v[layer, dst] = self.tail.v[layer, src]
         self.open[:, blocks] = False
+        self.coded[:, blocks] = False
         self.tail.release(blocks.tolist())
 
     def _quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -294,6 +319,7 @@ class KVQuantKV(KVStore):
         self.tail.release(block_ids)
         self.sink.release(block_ids)
         self.open[:, block_ids] = False
+        self.coded[:, block_ids] = False
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -314,11 +340,12 @@ class KVQuantKV(KVStore):
         blocks, offsets = rows // s, rows % s
         open_ = self.open[layer, blocks]
         stored = {name: getattr(self, name)[layer, rows] for name in _CODE_TENSORS}
-        if sealed and open_.any():
-            trow = self.tail.row_index(blocks[open_], offsets[open_])
+        uncoded = open_ & ~self.coded[layer, blocks]  # open rows without codes yet
+        if sealed and uncoded.any():
+            trow = self.tail.row_index(blocks[uncoded], offsets[uncoded])
             fresh = self._quantize(layer, self.tail.k[layer, trow], self.tail.v[layer, trow])
             for name in _CODE_TENSORS:
-                stored[name][open_] = fresh[name]
+                stored[name][uncoded] = fresh[name]
         bits = self.spec.bits
         k = dequantize(unpack_codes(stored["k_codes"], bits, d), t.k_zero, t.k_scale,
                        t.k_dtype, stored["k_out_idx"], stored["k_out_val"])  # [R, K, D] fp32
