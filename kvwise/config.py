@@ -45,7 +45,7 @@ WEIGHT_DTYPES = ("auto",) + WEIGHT_FORMATS
 # KV formats by name (kvwise.cache.kv_store registry; a test checks the two lists agree)
 KV_CACHE_DTYPES = ("auto",) + DTYPES + ("int8",)
 ACTIVATION_QUANTS = ("none", "int8")  # inputs of the int4 CPU decode kernels
-KV_COMPRESSIONS = ("none", "streaming")  # eviction policies, see kvwise.cache.compress
+KV_COMPRESSIONS = ("none", "streaming", "fastgen")  # eviction policies, see kvwise.cache.compress
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class EngineConfig:
     kv_compression: str = "none"  # none | streaming (a request may override it)
     sink_tokens: int = 4  # streaming: first tokens always kept (attention sinks)
     window_tokens: Optional[int] = None  # streaming: recent tokens kept (required for it)
+    recovery_threshold: float = 0.95  # fastgen: attention a head's policy must recover
+    fastgen_local_ratio: float = 0.3  # fastgen: local window, a fraction of the prompt length
+    fastgen_frequent_ratio: float = 0.3  # fastgen: heavy hitters, a fraction of the length
     # a token's logits independent of its step's size and of the cache state (see
     # docs/architecture.md, "Batch-invariant mode"); costs prefill speed
     batch_invariant: bool = False
@@ -136,6 +139,8 @@ class EngineConfig:
                 raise bad("activation_quant", f"{self.activation_quant} is implemented by the "
                           f"CPU kernels only, got device={self.device!r}")
         check_kv_compression(self.kv_compression, self.sink_tokens, self.window_tokens, bad)
+        check_fastgen(self.recovery_threshold, self.fastgen_local_ratio,
+                      self.fastgen_frequent_ratio, bad)
         if self.batch_invariant:
             need = {"device": (self.device, "cpu"), "dtype": (self.dtype, "float32"),
                     "attention_backend": (self.attention_backend, "paged")}
@@ -207,11 +212,19 @@ ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("activation_quant", str, "none | int8: int4 layers round each decode step's activations "
                               "to int8 per 32 values and use integer dot products (CPU; "
                               "llama.cpp's Q8 activations)"),
-    ("kv_compression", str, "none | streaming: evict KV between the first --sink-tokens and the "
-                            "last --window-tokens of each request (StreamingLLM), freeing "
-                            "blocks; a request may set its own"),
+    ("kv_compression", str, "none | streaming | fastgen. streaming: evict KV between the first "
+                            "--sink-tokens and the last --window-tokens of each request "
+                            "(StreamingLLM); fastgen: profile each (layer, KV head) on the "
+                            "prompt and keep only what its cheapest sufficient policy keeps "
+                            "(FastGen); both free blocks; a request may set its own"),
     ("sink_tokens", int, "streaming: first tokens always kept (attention sinks; default 4)"),
     ("window_tokens", int, "streaming: most recent tokens kept (required with streaming)"),
+    ("recovery_threshold", float, "fastgen: share of a head's prompt attention its policy must "
+                                  "keep (default 0.95; 1.0 keeps everything)"),
+    ("fastgen_local_ratio", float, "fastgen: local window as a fraction of the prompt length "
+                                   "(default 0.3)"),
+    ("fastgen_frequent_ratio", float, "fastgen: heavy hitters kept, a fraction of the length "
+                                      "(default 0.3)"),
     ("batch_invariant", bool, "a request's tokens do not depend on the batch, the step size, "
                               "chunked prefill or prefix-cache hits (seeded sampling repeats "
                               "exactly); row-invariant CPU kernels for every projection and "
@@ -236,6 +249,21 @@ def check_kv_compression(name: object, sink_tokens: object, window_tokens: objec
         raise bad("window_tokens", "is required with kv_compression=streaming")
 
 
+def check_fastgen(threshold: object, local_ratio: object, frequent_ratio: object,
+                  bad: Callable[[str, str], Exception]) -> None:
+    """Validate FastGen's settings (engine config or one request): a threshold in [0, 1] and
+    ratios in (0, 1]."""
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+    if not number(threshold) or not 0.0 <= threshold <= 1.0:  # type: ignore[operator]
+        raise bad("recovery_threshold", f"must be a number in [0, 1], got {threshold!r}")
+    for field_name, ratio in (("fastgen_local_ratio", local_ratio),
+                              ("fastgen_frequent_ratio", frequent_ratio)):
+        if not number(ratio) or not 0.0 < ratio <= 1.0:  # type: ignore[operator]
+            raise bad(field_name, f"must be a number in (0, 1], got {ratio!r}")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Declare every engine flag on `parser` with defaults left as None (= config default)."""
     group = parser.add_argument_group("engine")
@@ -248,11 +276,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, type=typ, default=None, help=help_text)
 
 
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags a user set on the command line, by config field name (unset ones are
+    left out, so they keep the config default)."""
+    return {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
+            if getattr(args, name, None) is not None}
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build an EngineConfig from parsed CLI args; flags left unset keep the config default."""
-    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
-              if getattr(args, name, None) is not None}
-    return EngineConfig.from_kwargs(**kwargs)
+    return EngineConfig.from_kwargs(**engine_kwargs_from_args(args))
 
 
 def parse_cli_args(parser: argparse.ArgumentParser,

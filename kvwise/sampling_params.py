@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from kvwise.config import check_kv_compression
+from kvwise.config import check_fastgen, check_kv_compression
 from kvwise.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
@@ -59,6 +59,9 @@ class SamplingParams:
     kv_compression: Optional[str] = None
     sink_tokens: Optional[int] = None
     window_tokens: Optional[int] = None
+    recovery_threshold: Optional[float] = None  # fastgen (None: the engine's settings)
+    fastgen_local_ratio: Optional[float] = None
+    fastgen_frequent_ratio: Optional[float] = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,10 @@ class SamplingParams:
             check_kv_compression(self.kv_compression or "none",
                                  0 if self.sink_tokens is None else self.sink_tokens,
                                  1 if self.window_tokens is None else self.window_tokens, bad)
+        fastgen = (self.recovery_threshold, self.fastgen_local_ratio,
+                   self.fastgen_frequent_ratio)
+        if fastgen != (None, None, None):
+            check_fastgen(*(0.5 if x is None else x for x in fastgen), bad)
 
     @property
     def greedy(self) -> bool:

@@ -14,12 +14,20 @@ Invariants:
 - History is read through the layer's `LayerKV` view, whatever the format: `gather_blocks` /
   `gather_rows` give compute-dtype rows, `kernel` the arrays the CPU kernels take.
 - Slot s of block b is flat row `b * block_size + s` of every layer.
+- Per-head tables (`heads`, FastGen-style compressed requests whose (layer, KV head) planes
+  keep different tokens): such a request is only ever a decode row, and every layer reads its
+  own view `meta.for_layer(i)`, where the new tokens' rows are per KV head
+  (`slot_mapping_heads` [T, K]; `slot_mapping` is None there, so a path that would write or
+  read one row for all heads fails loudly instead of touching another group's plane) and the
+  decode tables are per (row, KV head) (`decode_block_ids` [Bd*K*nb], `decode_context_lens`
+  [Bd*K]; a dense row repeats its table K times, `decode_mask` is None). Without such a
+  request `heads` is None and `for_layer` returns the metadata itself (no cost).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Protocol
 
 import torch
@@ -62,6 +70,50 @@ class AttentionMetadata:
     # compute each row as a decode row would, whatever the step's size (paged).
     row_block_ids: Optional[torch.Tensor] = None
     row_context_lens: Optional[torch.Tensor] = None
+    # Steps with per-head (many-group) decode rows (module docstring); None otherwise.
+    heads: Optional[HeadTables] = None
+    # Set only in a layer's view (`for_layer`) of such a step: [T, K] long, each new token's
+    # row in each KV head's plane of this layer, and the layer the view is for.
+    slot_mapping_heads: Optional[torch.Tensor] = None
+    layer: Optional[int] = None
+
+    def for_layer(self, layer: int) -> AttentionMetadata:
+        """The metadata layer `layer` reads: itself, or with per-head tables its own view."""
+        h = self.heads
+        if h is None:
+            return self
+        return replace(self, slot_mapping=None, slot_mapping_heads=h.slots[layer],
+                       decode_block_ids=h.decode_block_ids[layer],
+                       decode_context_lens=h.decode_context_lens[layer], decode_mask=None,
+                       layer=layer)
+
+    def head_table(self, row: int, kv_head: int) -> tuple[list[int], int]:
+        """(block table, context length) that KV head `kv_head` of request row `row` reads in
+        this layer view (a dense row's one table for every head)."""
+        h = self.heads
+        if h is None or h.tables[row] is None:
+            return self.block_tables[row], self.context_lens[row]
+        assert self.layer is not None, "per-head tables are read through for_layer(i)"
+        g = self.layer * h.num_kv_heads + kv_head
+        return h.tables[row][g], h.context_lens[row][g]
+
+
+@dataclass
+class HeadTables:
+    """Per-(layer, KV head) tables of a step that has many-group decode rows.
+
+    slots [L, T, K] long: every new token's row in each plane (a dense row's slot repeated);
+    decode_block_ids [L, Bd*K*nb] long and decode_context_lens [L, Bd*K] long: the CPU decode
+    kernel's per-head tables (row b, head h: table b*K + h), padded with block 0; tables[r]
+    / context_lens[r]: the L*K tables (group g = layer * K + head) and context lengths of
+    request row r, or None for a dense row (it reads block_tables[r] in every plane)."""
+
+    num_kv_heads: int
+    slots: torch.Tensor
+    decode_block_ids: torch.Tensor
+    decode_context_lens: torch.Tensor
+    tables: list[Optional[list[list[int]]]]
+    context_lens: list[Optional[list[int]]]
 
 
 class AttentionBackend(Protocol):

@@ -44,6 +44,25 @@ def decode_attention(q: torch.Tensor, kv: LayerKV, block_ids: torch.Tensor, mask
     return out[:, :, 0]
 
 
+def decode_attention_heads(q: torch.Tensor, kv: LayerKV, block_ids: torch.Tensor,
+                           context_lens: torch.Tensor, block_size: int,
+                           scale: float) -> torch.Tensor:
+    """Per-head tables (a layer view of a step with many-group rows): q [B, H, D]; block_ids
+    [B*K*nb] (row b, KV head h: table b*K + h); context_lens [B*K] -> [B, H, D] (PyTorch
+    path: gathers every head's blocks and keeps each table's own head)."""
+    b, h, d = q.shape
+    kh = kv.store.num_kv_heads
+    k, v = kv.gather_blocks(block_ids)  # [B*K*nb*S, K, D]
+    k = k.view(b, kh, -1, kh, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [B, K, L, D]
+    v = v.view(b, kh, -1, kh, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    length = k.shape[2]
+    mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B*K, L]
+    mask = mask.view(b, kh, 1, length).repeat_interleave(h // kh, dim=1)  # [B, H, 1, L]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k.to(q.dtype), v.to(q.dtype),
+                                         attn_mask=mask, scale=scale, enable_gqa=kh != h)
+    return out[:, :, 0]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prior: int,
                       scale: float) -> torch.Tensor:
     """q [Tq, H, D]; k, v [C, K, D] with C >= num_prior + Tq (extra rows are masked) ->
@@ -191,6 +210,9 @@ class PagedBackend:
                 return self._cpu_kvquant.decode_attention_kvquant(
                     q, arrays, meta.decode_block_ids, meta.decode_context_lens,
                     meta.block_size, scale)
+        if meta.slot_mapping_heads is not None:  # per-head tables (many-group rows)
+            return decode_attention_heads(q, kv, meta.decode_block_ids,
+                                          meta.decode_context_lens, meta.block_size, scale)
         return decode_attention(q, kv, meta.decode_block_ids, meta.decode_mask, scale)
 
     def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],

@@ -43,6 +43,22 @@ def gather_context(kv: LayerKV, block_table: list[int], num_tokens: int,
     return kv.store.gather_rows_sealed(kv.layer, t) if sealed else kv.gather_rows(t)
 
 
+def _per_head_decode(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, row: int,
+                     scale: float) -> torch.Tensor:
+    """One decode row of a many-group request: q [H, D]; KV head h reads its own table and
+    length in this layer (its new row is already written there) -> [H, D]."""
+    kh = kv.store.num_kv_heads
+    group = q.shape[0] // kh
+    out = torch.empty_like(q)
+    for h in range(kh):
+        table, ctx = meta.head_table(row, h)
+        k, v = gather_context(kv, table, ctx, meta.block_size)
+        heads = slice(h * group, (h + 1) * group)
+        out[heads] = reference_attention(q[None, heads], k[:, h:h + 1], v[:, h:h + 1],
+                                         ctx - 1, scale)[0]
+    return out
+
+
 class ReferenceBackend:
     name = "reference"
 
@@ -54,6 +70,9 @@ class ReferenceBackend:
         spans += [(p.start, p.num_query_tokens) for p in meta.prefills]
         s = meta.block_size
         for r, (start, n) in enumerate(spans):
+            if meta.heads is not None and meta.heads.tables[r] is not None:
+                out[start] = _per_head_decode(q[start], kv, meta, r, scale)
+                continue
             ctx = meta.context_lens[r]
             k, v = gather_context(kv, meta.block_tables[r], ctx, s)
             if k_new is not None and v_new is not None:  # the step's own rows, as stored

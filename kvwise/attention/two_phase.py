@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kvwise.attention.backend import AttentionMetadata, register_backend
-from kvwise.attention.paged import prefill_spans_attention
+from kvwise.attention.paged import PagedBackend, prefill_spans_attention
 from kvwise.cache.kv_store import LayerKV
 
 # PyTorch's CPU flash-attention kernel, the one SDPA dispatches to, also returns the log-sum-exp;
@@ -221,11 +221,13 @@ class TwoPhaseBackend:
 
     def __init__(self) -> None:
         self._structure: Optional[_SharedStructure] = None
+        self._paged: Optional[PagedBackend] = None  # made on the first per-head step
 
     def prepare(self, meta: AttentionMetadata) -> Optional[TwoPhasePlan]:
-        """The step's plan (None without decode rows); the runner calls this once per step."""
+        """The step's plan (None without decode rows, or with per-head tables: such steps run
+        the paged path); the runner calls this once per step."""
         bd = meta.num_decode_tokens
-        if bd == 0:
+        if bd == 0 or meta.heads is not None:
             return None
         s = meta.block_size
         ctx_lens = meta.context_lens[:bd]
@@ -258,7 +260,13 @@ class TwoPhaseBackend:
     def forward(self, q: torch.Tensor, k_new: Optional[torch.Tensor],
                 v_new: Optional[torch.Tensor], kv: LayerKV, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        """q [T, H, D]; k_new, v_new [T, K, D] or None; kv one layer's store -> [T, H, D]."""
+        """q [T, H, D]; k_new, v_new [T, K, D] or None; kv one layer's store -> [T, H, D]. A
+        step with per-head (many-group) rows runs the paged backend's path: their heads share
+        no chunk as a whole."""
+        if meta.heads is not None:
+            if self._paged is None:
+                self._paged = PagedBackend()
+            return self._paged.forward(q, k_new, v_new, kv, meta, scale)
         bd = meta.num_decode_tokens
         plan = meta.backend_data
         if bd and not isinstance(plan, TwoPhasePlan):  # called without the runner's hook

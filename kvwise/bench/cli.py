@@ -44,14 +44,11 @@ from kvwise.bench.workloads import (
     load_encoder,
     resolve_model,
 )
-from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args, parse_cli_args
+from kvwise.config import EngineConfig, add_engine_args, engine_kwargs_from_args, parse_cli_args
 from kvwise.errors import ConfigError, KvwiseError
 
 Workload = Union[LatencyWorkload, ThroughputWorkload]
 
-
-def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _peers(value: str) -> list[str]:
@@ -207,8 +204,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 
 def _engine_kwargs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
-              if getattr(args, name, None) is not None}
+    kwargs = engine_kwargs_from_args(args)
     kwargs["threads"] = threads
     EngineConfig.from_kwargs(**kwargs)  # validate now, before any model loads
     return kwargs
@@ -267,7 +263,7 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
         return 2
     engines = ([] if args.skip_kvwise else list(configs)) + list(args.peers)
     order = "one at a time" if args.one_at_a_time else "interleaved"
-    _log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}; "
+    report.log(f"{bench}: {workload.describe()}; threads={threads}; engines={','.join(engines)}; "
          f"runs {order}")
     corpus = build_corpus(load_encoder(files), workload.tokens_needed(args.warmup + args.runs))
     loader = functools.partial(_load, configs=configs, engine_kwargs=engine_kwargs, files=files,
@@ -294,7 +290,7 @@ def _run(bench: str, args: argparse.Namespace, workload: Workload,
 def _load(name: str, configs: dict[str, dict[str, Any]], engine_kwargs: dict[str, Any],
           files: ModelFiles, threads: int, workload: Workload) -> Optional[Runner]:
     """-> the engine's runner, or None after printing its skip line."""
-    _log(f"loading {name}")
+    report.log(f"loading {name}")
     # kvwise configurations (kvwise_configs) arrive with their own engine kwargs
     factory = RUNNERS["kvwise" if name.startswith("kvwise") else name]
     try:
@@ -319,7 +315,7 @@ def _measure(runners: list[Runner], bench: str, workload: Workload, corpus: Any,
 
         def on_round(i: int) -> None:
             kind = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1}/{args.runs}"
-            _log(f"measuring {names}: {kind}")
+            report.log(f"measuring {names}: {kind}")
 
         values = report.measure_interleaved(calls, args.runs, args.warmup, on_round)
     finally:
@@ -342,7 +338,7 @@ def _publish(bench: str, args: argparse.Namespace, results: list[report.Result],
     for path in report.publish(bench, args, results, title=f"kvwise bench {bench}: "
                                f"{workload.short()}", workload=workload.describe(),
                                threads=threads, notes=notes):
-        _log(f"wrote {path}")
+        report.log(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

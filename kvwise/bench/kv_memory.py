@@ -30,7 +30,7 @@ from typing import Any
 
 from kvwise.bench import report
 from kvwise.bench.workloads import build_corpus, load_encoder, resolve_model
-from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args
+from kvwise.config import EngineConfig, add_engine_args, engine_kwargs_from_args
 from kvwise.errors import KvwiseError
 
 BENCH = "kv-memory"
@@ -73,17 +73,13 @@ def add_kv_memory_bench_parser(kinds: Any) -> None:
     p.set_defaults(func=run_kv_memory_bench, runs=1)
 
 
-def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
 
 def _engine_kwargs(args: argparse.Namespace, workload: MemoryWorkload, threads: int
                    ) -> dict[str, Any]:
-    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
-              if getattr(args, name, None) is not None}
+    kwargs = engine_kwargs_from_args(args)
     kwargs["threads"] = threads
     if kwargs.pop("kv_cache_dtype", None) is not None:
-        _log("--kv-cache-dtype is set by --kv-cache-dtypes; ignored")
+        report.log("--kv-cache-dtype is set by --kv-cache-dtypes; ignored")
     if "kv_cache_memory" not in kwargs or "num_blocks" in kwargs:
         raise KvwiseError("kv_cache_memory: this bench needs a fixed --kv-cache-memory (and no "
                           "--num-blocks), the budget every format shares")
@@ -119,7 +115,7 @@ def measure_format(name: str, engine_kwargs: dict[str, Any], prompts: list[list[
             done += sum(1 for o in outs if o.finished)
         seconds = time.perf_counter() - t0
         stats = engine.stats()
-        _log(f"{name}: {engine.num_blocks} blocks of {engine.kv_bytes_per_block} bytes, "
+        report.log(f"{name}: {engine.num_blocks} blocks of {engine.kv_bytes_per_block} bytes, "
              f"{done} finished in {seconds:.1f} s, peak {peak} decoding at once, "
              f"{stats['num_preemptions'] - preempt0} preemptions")
         values = {"bytes_per_token": engine.kv_bytes_per_block / cfg.block_size,
@@ -160,7 +156,7 @@ def run_kv_memory_bench(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     describe = workload.describe(str(engine_kwargs["kv_cache_memory"]))
-    _log(f"kv-memory: {describe}; threads={threads}; formats={','.join(names)}")
+    report.log(f"kv-memory: {describe}; threads={threads}; formats={','.join(names)}")
     corpus = build_corpus(load_encoder(files), workload.num_requests * workload.prompt_len)
     prompts = corpus.prompts(workload.num_requests, workload.prompt_len, 0)
     results: list[report.Result] = []

@@ -30,7 +30,7 @@ from typing import Any
 
 from kvwise.bench import report
 from kvwise.bench.workloads import TokenCorpus, build_corpus, load_encoder, resolve_model
-from kvwise.config import ENGINE_FLAGS, EngineConfig, add_engine_args
+from kvwise.config import EngineConfig, add_engine_args, engine_kwargs_from_args
 from kvwise.errors import KvwiseError
 
 BENCH = "prefix"
@@ -96,18 +96,14 @@ def add_prefix_bench_parser(kinds: Any) -> None:
     p.set_defaults(func=run_prefix_bench)
 
 
-def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
 
 def _engine_kwargs(args: argparse.Namespace, workload: PrefixWorkload, threads: int
                    ) -> dict[str, Any]:
-    kwargs = {name: getattr(args, name) for name, _, _ in ENGINE_FLAGS
-              if getattr(args, name, None) is not None}
+    kwargs = engine_kwargs_from_args(args)
     kwargs["threads"] = threads
     for key in ("enable_prefix_caching", "attention_backend"):
         if kwargs.pop(key, None) is not None:
-            _log(f"--{key.replace('_', '-')} is set by each configuration; ignored")
+            report.log(f"--{key.replace('_', '-')} is set by each configuration; ignored")
     if "num_blocks" not in kwargs and "kv_cache_memory" not in kwargs:
         s = kwargs.get("block_size", EngineConfig().block_size)
         kwargs["num_blocks"] = workload.num_requests * -(-workload.context_len // s) + 16
@@ -140,7 +136,7 @@ def measure_config(name: str, engine_kwargs: dict[str, Any], workload: PrefixWor
             peak_mib = stats["peak_blocks_used"] * stats["kv_bytes_per_block"] / 2**20
             delta = {k: stats[k] - before[k] for k in
                      ("prefix_query_tokens", "prefix_hit_tokens", "num_preemptions", "num_steps")}
-            _log(f"{name} run {run}: {seconds:.1f} s, {delta['num_steps']} steps, peak "
+            report.log(f"{name} run {run}: {seconds:.1f} s, {delta['num_steps']} steps, peak "
                  f"{stats['peak_blocks_used']} blocks, prompt tokens computed "
                  f"{delta['prefix_query_tokens'] - delta['prefix_hit_tokens']}, "
                  f"{delta['num_preemptions']} preemptions")
@@ -185,12 +181,12 @@ def run_prefix_bench(args: argparse.Namespace) -> int:
     except KvwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _log(f"prefix: {workload.describe()}; threads={threads}; configs={','.join(names)}")
+    report.log(f"prefix: {workload.describe()}; threads={threads}; configs={','.join(names)}")
     corpus = build_corpus(load_encoder(files), (args.warmup + args.runs) *
                           workload.tokens_per_run())
     results: list[report.Result] = []
     for name in names:
-        _log(f"measuring {name}: {args.warmup} warm-up + {args.runs} runs")
+        report.log(f"measuring {name}: {args.warmup} warm-up + {args.runs} runs")
         res = measure_config(name, engine_kwargs, workload, corpus, args.runs, args.warmup)
         for r in res:
             print(r.line(), flush=True)

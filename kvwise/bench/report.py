@@ -53,6 +53,11 @@ class Result:
 Call = Callable[[int], dict[str, float]]
 
 
+def log(message: str) -> None:
+    """A progress line of a bench, on stderr (stdout carries the one-line results)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
 def measure_interleaved(calls: dict[str, Call], runs: int, warmup: int,
                         on_round: Optional[Callable[[int], None]] = None
                         ) -> dict[str, dict[str, list[float]]]:

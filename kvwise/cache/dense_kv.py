@@ -48,6 +48,14 @@ class DenseKV(KVStore):
         self.v[layer].index_copy_(0, slots, vs)
         return ks.to(k.dtype), vs.to(v.dtype)
 
+    def write_heads(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, vs = k.to(self.storage_dtype), v.to(self.storage_dtype)
+        heads = torch.arange(self.num_kv_heads, device=slots.device).expand_as(slots)
+        self.k[layer][slots, heads] = ks
+        self.v[layer][slots, heads] = vs
+        return ks.to(k.dtype), vs.to(v.dtype)
+
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.compute_dtype
         return self.k[layer][rows].to(c), self.v[layer][rows].to(c)

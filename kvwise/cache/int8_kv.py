@@ -69,6 +69,19 @@ class Int8KV(KVStore):
         return (kv_rows.dequantize_int8_reference(kc, ks, c),
                 kv_rows.dequantize_int8_reference(vc, vs, c))
 
+    def write_heads(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, ks = kv_rows.quantize_int8_reference(k)  # [T, K, D] int8, [T, K] fp16
+        vc, vs = kv_rows.quantize_int8_reference(v)
+        heads = torch.arange(self.num_kv_heads, device=slots.device).expand_as(slots)
+        self.k[layer][slots, heads] = kc
+        self.v[layer][slots, heads] = vc
+        self.k_scale[layer][slots, heads] = ks
+        self.v_scale[layer][slots, heads] = vs
+        c = self.compute_dtype
+        return (kv_rows.dequantize_int8_reference(kc, ks, c),
+                kv_rows.dequantize_int8_reference(vc, vs, c))
+
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.compute_dtype
         k = kv_rows.dequantize_int8_reference(self.k[layer][rows], self.k_scale[layer][rows], c)

@@ -137,10 +137,11 @@ class KVManager:
         return self.pool.num_planes
 
     def block_table(self, req_id: str) -> list[int]:
-        """A copy of a one-group request's block table (entries never change once assigned,
-        until the request's first `evict`)."""
+        """A copy of the one block table every group of the request reads: a one-group
+        request's, or a many-group request's before its first `evict` (entries never change
+        once assigned, until then). See `groups_differ`."""
         req = self._req(req_id)
-        if req.groups is None and req.num_groups == 1:
+        if req.groups is None:
             return list(req.block_ids)
         if req.num_groups != 1:
             raise ValueError(f"request {req_id!r} has {req.num_groups} groups: use block_tables")
@@ -156,6 +157,12 @@ class KVManager:
 
     def num_groups(self, req_id: str) -> int:
         return self._req(req_id).num_groups
+
+    def groups_differ(self, req_id: str) -> bool:
+        """Whether a many-group request's groups have their own tables (after its first
+        `evict`): readers then take `block_tables`, one per (layer, KV head)."""
+        req = self._req(req_id)
+        return req.num_groups > 1 and req.groups is not None
 
     def num_slots(self, req_id: str, group: int) -> int:
         """Computed slots of the group's table, kept or evicted-not-compacted: the token at

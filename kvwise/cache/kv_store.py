@@ -215,6 +215,14 @@ class KVStore:
         (rotated), v [T, K, D] as a reader will see them."""
         raise NotImplementedError
 
+    def write_heads(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `write` (rotated keys), but each KV head h of token t goes to row slots[t, h]
+        of its own plane (slots [T, K]; per-head KV groups), touching no other head's data
+        at those rows. Formats that store a row of all heads as one unit refuse."""
+        raise NotImplementedError(f"kv_cache_dtype {self.name!r}: per-head KV groups are not "
+                                  "supported with this format")
+
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

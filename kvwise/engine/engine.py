@@ -32,6 +32,7 @@ import torch
 
 from kvwise.attention import get_backend
 from kvwise.cache.compress import CompressionPolicy, make_policy
+from kvwise.cache.kv_groups import plane_of_group
 from kvwise.cache.kv_manager import KVManager
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
@@ -100,9 +101,11 @@ class LLMEngine:
                 f"{mc.max_position_embeddings}", "max_model_len")
         self.kv_store, self.num_blocks, self.kv_bytes_per_block = build_kv_store(
             config, mc, self.model, dtype, self.device)
+        store_planes = self.kv_store.num_layers * self.kv_store.num_kv_heads  # (layer, KV head)
         self.kv_manager = KVManager(self.num_blocks, config.block_size,
                                     config.enable_prefix_caching, on_seal=self.kv_store.seal,
-                                    on_free=self.kv_store.release)
+                                    on_free=self.kv_store.release,
+                                    num_planes=store_planes)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         try:
@@ -188,12 +191,17 @@ class LLMEngine:
             if policy is None or req.finished:
                 continue
             rid = req.request_id
-            slots = policy.evict_slots(kv.num_kept_tokens(rid, 0))
-            if slots is not None:
-                kv.evict(rid, 0, slots)
-            if kv.evicted_slots(rid, 0) and kv.can_compact(rid, 0):
-                copy = kv.compact(rid, 0)
-                self.kv_store.copy_rows(copy.src_rows, copy.dst_rows)
+            for g in range(kv.num_groups(rid)):
+                kept = kv.num_kept_tokens(rid, g)
+                slots = (policy.evict_group_slots(g, kept) if policy.per_head
+                         else policy.evict_slots(kept))
+                if slots is not None:
+                    kv.evict(rid, g, slots)
+                if kv.evicted_slots(rid, g) and kv.can_compact(rid, g):
+                    copy = kv.compact(rid, g)
+                    plane = None if copy.plane is None else plane_of_group(
+                        copy.plane, self.kv_store.num_kv_heads)
+                    self.kv_store.copy_rows(copy.src_rows, copy.dst_rows, plane)
 
     def _tokenize_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -600,10 +608,12 @@ class LLMEngine:
     def check_integrity(self) -> None:
         self.kv_manager.check_integrity()
         live = {r.request_id for r in self.scheduler.running}
+        kv = self.kv_manager
         for req in self.scheduler.running:
-            assert req.status == RequestStatus.RUNNING, req.request_id
-            assert len(self.kv_manager.block_table(req.request_id)) * self.config.block_size \
-                >= self.kv_manager.num_slots(req.request_id, 0), req.request_id
+            rid = req.request_id
+            assert req.status == RequestStatus.RUNNING, rid
+            for g, table in enumerate(kv.block_tables(rid)):
+                assert len(table) * self.config.block_size >= kv.num_slots(rid, g), (rid, g)
         for req in self.scheduler.waiting:
             assert req.request_id not in live, req.request_id
         for rid, req in self.scheduler.held.items():

@@ -15,10 +15,11 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from kvwise.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+from kvwise.attention.backend import AttentionBackend, AttentionMetadata, HeadTables, PrefillSpan
 from kvwise.cache.kv_store import KVStore
 from kvwise.model.llama import LlamaModel
 from kvwise.scheduler.plan import StepPlan
@@ -81,6 +82,16 @@ class ModelRunner:
             start = len(ids)
             ids.extend(req.all_token_ids[start_pos:start_pos + n])
             pos.extend(range(start_pos, start_pos + n))  # true positions (RoPE)
+            if sch.group_tables is not None:  # per-head tables: a decode row (HeadTables)
+                assert n == 1 and not prefills and not self.model.batch_invariant, sch
+                slots.append(-1)  # no one row for all heads: layers read meta.for_layer(i)
+                tables.append([])
+                ctx_lens.append(start_pos + 1)
+                num_decode += 1
+                if sch.samples:
+                    logits_idx.append(len(ids) - 1)
+                    sampling_rows.append(row)
+                continue
             # table slots: positions shifted past what compression evicted (slot_offset)
             first = start_pos - sch.slot_offset
             ctx = first + n  # tokens the request attends to after this step
@@ -134,6 +145,8 @@ class ModelRunner:
             meta.row_block_ids = torch.tensor(_padded([tables[r] for r in row_plan], nb),
                                               dtype=torch.long, device=dev)  # [T * nb]
             meta.row_context_lens = torch.tensor(row_lens, dtype=torch.long, device=dev)  # [T]
+        if any(sch.group_tables is not None for sch in plan.scheduled):
+            meta.heads = self._head_tables(plan, meta, num_decode)
         if self._prepare_backend is not None:
             meta.backend_data = self._prepare_backend(meta)
         return StepInputs(
@@ -142,6 +155,53 @@ class ModelRunner:
             meta=meta,
             logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
             sampling_rows=sampling_rows, prompt_spans=spans)
+
+    def _head_tables(self, plan: StepPlan, meta: AttentionMetadata, num_decode: int
+                     ) -> HeadTables:
+        """Per-(layer, KV head) rows and decode tables of a step with many-group rows (see
+        kvwise.attention.backend): a dense row's slot and table repeated in every plane."""
+        s, nl, kh = self.block_size, self.kv.num_layers, self.kv.num_kv_heads
+        t = meta.slot_mapping.shape[0]
+        slots = meta.slot_mapping[None, :, None].repeat(nl, 1, kh)  # [L, T, K]
+        row_tables: list[Optional[list[list[int]]]] = []
+        row_lens: list[Optional[list[int]]] = []
+        for row, sch in enumerate(plan.scheduled):
+            if sch.group_tables is None:
+                row_tables.append(None)
+                row_lens.append(None)
+                continue
+            p = sch.request.num_computed_tokens  # the row's one new token
+            assert sch.group_offsets is not None and len(sch.group_tables) == nl * kh
+            js = [p - off for off in sch.group_offsets]  # its slot in each group
+            row_tables.append(sch.group_tables)
+            row_lens.append([j + 1 for j in js])
+            flat = [tb[j // s] * s + j % s for tb, j in zip(sch.group_tables, js)]
+            slots[:, row, :] = torch.tensor(flat, dtype=torch.long).view(nl, kh)
+        assert slots.shape[1] == t
+        dec_ids = torch.zeros((nl, 0), dtype=torch.long)
+        dec_lens = torch.zeros((nl, 0), dtype=torch.long)
+        if num_decode:
+            per_layer_tables, per_layer_lens = [], []
+            for layer in range(nl):
+                tabs, lens = [], []
+                for row in range(num_decode):
+                    for h in range(kh):
+                        if row_tables[row] is None:
+                            tabs.append(meta.block_tables[row])
+                            lens.append(meta.context_lens[row])
+                        else:
+                            g = layer * kh + h
+                            tabs.append(row_tables[row][g])
+                            lens.append(row_lens[row][g])
+                per_layer_tables.append(tabs)
+                per_layer_lens.append(lens)
+            nb = (max(max(x) for x in per_layer_lens) + s - 1) // s
+            dec_ids = torch.tensor([_padded(tabs, nb) for tabs in per_layer_tables],
+                                   dtype=torch.long)  # [L, Bd*K*nb]
+            dec_lens = torch.tensor(per_layer_lens, dtype=torch.long)  # [L, Bd*K]
+        dev = self.device
+        return HeadTables(kh, slots.to(dev), dec_ids.to(dev), dec_lens.to(dev), row_tables,
+                          row_lens)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """-> logits [R + Q, V] fp32: the sampling rows, then the prompt spans' positions."""

@@ -229,17 +229,16 @@ def _step(engine: Any, req: Request, n: int) -> torch.Tensor:
     return logits
 
 
-def check_fits(engine: Any, context_len: int, continuation_len: int) -> None:
-    total = context_len + continuation_len
+def check_fits(engine: Any, total: int, what: str, field: str) -> None:
+    """Refuse, naming `field`, an eval request of `total` tokens (`what`, e.g. "a window of
+    1024 tokens") that the engine's max_model_len or KV pool cannot hold."""
     if total > engine.max_model_len:
-        raise InvalidRequestError(
-            f"context_len + continuation_len = {total} exceeds max_model_len="
-            f"{engine.max_model_len}", "context_len")
+        raise InvalidRequestError(f"{what} exceeds max_model_len={engine.max_model_len}",
+                                  field)
     need = -(-total // engine.config.block_size)
     if need > engine.num_blocks:
-        raise InvalidRequestError(
-            f"a window of {total} tokens needs {need} KV blocks, the pool has "
-            f"{engine.num_blocks}; raise --kv-cache-memory", "context_len")
+        raise InvalidRequestError(f"{what} needs {need} KV blocks, the pool has "
+                                  f"{engine.num_blocks}; raise --kv-cache-memory", field)
 
 
 def measure_kvwise(make_llm: Callable[[str], Any], text: str, context_len: int,
@@ -260,7 +259,9 @@ def measure_kvwise(make_llm: Callable[[str], Any], text: str, context_len: int,
         if not windows:
             ids = engine.tokenizer.encode(text, add_special_tokens=False)
             windows = eval_windows(ids, context_len, continuation_len, num_windows)
-        check_fits(engine, context_len, continuation_len)
+        total = context_len + continuation_len
+        check_fits(engine, total, f"a window of {context_len} + {continuation_len} = {total} "
+                   "tokens", "context_len")
         _warm_up(engine, windows[0])
         for st in (st for st in settings if st.kv_cache_dtype == dtype):
             t0 = time.perf_counter()

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kvwise.errors import InvalidRequestError
+from kvwise.eval.kv_eval import check_fits
 from kvwise.sampling_params import SamplingParams
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -168,19 +169,6 @@ def setting_name(kv_cache_dtype: str) -> str:
     return f"kvwise/kv={kv_cache_dtype}"
 
 
-def check_fits(engine: Any, context_len: int) -> None:
-    total = context_len + MAX_TOKENS
-    if total > engine.max_model_len:
-        raise InvalidRequestError(
-            f"context_len {context_len} + {MAX_TOKENS} answer tokens exceeds max_model_len="
-            f"{engine.max_model_len}", "context_lens")
-    need = -(-total // engine.config.block_size)
-    if need > engine.num_blocks:
-        raise InvalidRequestError(
-            f"a {total}-token trial needs {need} KV blocks, the pool has {engine.num_blocks}; "
-            "raise --kv-cache-memory", "context_lens")
-
-
 def run_trials(llm: Any, setting: str, context_len: int, trials: Sequence[PasskeyTrial]
                ) -> PasskeyResult:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -209,7 +197,8 @@ def measure(make_llm: Callable[[str], Any], kv_cache_dtypes: Sequence[str],
     for dtype in dict.fromkeys(kv_cache_dtypes):
         llms[dtype] = make_llm(dtype)
         for n in context_lens:  # each format's pool holds its own number of blocks
-            check_fits(llms[dtype].engine, n)
+            check_fits(llms[dtype].engine, n + MAX_TOKENS,
+                       f"a trial of {n} context + {MAX_TOKENS} answer tokens", "context_lens")
     tokenizer = next(iter(llms.values())).get_tokenizer()
     trials = {n: make_trials(tokenizer, n, num_trials, seed, style) for n in context_lens}
     for llm in llms.values():

@@ -130,6 +130,13 @@ class LlamaModel(nn.Module):
         -> q [T, H, D] and the step's k, v [T, K, D] as stored (None, None when the rope kernel
         wrote them straight into a dense cache: reading them back is exact)."""
         t = qkv.shape[0]
+        if meta.slot_mapping_heads is not None:  # per-head rows (many-group requests)
+            if kv.pre_rope:
+                raise NotImplementedError(f"kv_cache_dtype {kv.name!r}: per-head KV groups "
+                                          "are not supported with this format")
+            q, k, v = self._rope(qkv, positions, tables, layer)
+            k, v = kv.write_heads(i, meta.slot_mapping_heads, k, v)
+            return q, k, v
         kern = kv.kernel_layer(i)
         if (tables is None and t <= ROPE_INTO_CACHE_MAX_TOKENS and kern is not None
                 and kern.k.dtype != np.int8 and cpu_ops.supported(qkv)):
@@ -181,6 +188,7 @@ class LlamaModel(nn.Module):
                    backend: AttentionBackend) -> None:
         """Run decoder layer i on the step (state.x [T, E] updated in place of the state)."""
         layer = self.layers[i]
+        meta = meta.for_layer(i)
         x = state.x
         t = x.shape[0]
         h = self._rms(x, layer.input_norm)  # [T, E]

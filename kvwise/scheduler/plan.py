@@ -9,6 +9,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from kvwise.request import Request
 
@@ -21,6 +22,11 @@ class ScheduledRequest:
     # positions minus table slots (tokens a compressed request evicted and compacted away):
     # position p lives at slot p - slot_offset of `block_table`; 0 for a dense request
     slot_offset: int = 0
+    # a many-group request whose groups evicted differently (per-head compression): the L*K
+    # tables (group g = layer * K + KV head) and each group's slot offset; `block_table` is then
+    # empty. Such a request only ever decodes (its prompt ran before its first eviction).
+    group_tables: Optional[list[list[int]]] = None
+    group_offsets: Optional[list[int]] = None
 
     @property
     def samples(self) -> bool:

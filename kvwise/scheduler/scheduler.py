@@ -154,8 +154,9 @@ class Scheduler:
                 break
             # a compressed request shares its prompt's chunks only (KVManager.start_request)
             limit = req.num_prompt_tokens if req.kv_policy is not None else None
+            groups = self.kv.num_planes if getattr(req.kv_policy, "per_head", False) else 1
             cached = self.kv.start_request(req.request_id, match_ids, req.cache_salt,
-                                           commit_limit=limit)
+                                           num_groups=groups, commit_limit=limit)
             assert cached == hit, (cached, hit)
             self.kv.allocate(req.request_id, hit + num_new)
             self.waiting.popleft()
@@ -166,6 +167,11 @@ class Scheduler:
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         rid = req.request_id
+        if self.kv.groups_differ(rid):  # per-head compressed: one table per (layer, KV head)
+            assert num_new == 1, (rid, num_new)
+            n = self.kv.num_groups(rid)
+            return ScheduledRequest(req, num_new, [], 0, self.kv.block_tables(rid),
+                                    [self.kv.num_removed_slots(rid, g) for g in range(n)])
         return ScheduledRequest(req, num_new, self.kv.block_table(rid),
                                 self.kv.num_removed_slots(rid, 0))
 

@@ -88,6 +88,9 @@ class _SamplingFields(_Model):
     kv_compression: Optional[str] = None
     sink_tokens: Optional[int] = None
     window_tokens: Optional[int] = None
+    recovery_threshold: Optional[float] = None
+    fastgen_local_ratio: Optional[float] = None
+    fastgen_frequent_ratio: Optional[float] = None
 
     def _unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -117,7 +120,9 @@ class _SamplingFields(_Model):
             max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             kv_compression=self.kv_compression, sink_tokens=self.sink_tokens,
-            window_tokens=self.window_tokens)
+            window_tokens=self.window_tokens, recovery_threshold=self.recovery_threshold,
+            fastgen_local_ratio=self.fastgen_local_ratio,
+            fastgen_frequent_ratio=self.fastgen_frequent_ratio)
 
     @property
     def include_usage(self) -> bool:

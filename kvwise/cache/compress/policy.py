@@ -30,6 +30,9 @@ from kvwise.config import KV_COMPRESSIONS
 
 class CompressionPolicy(Protocol):
     name: str
+    # True: the request gets one KV group per (layer, KV head), so its heads can keep
+    # different tokens (FastGen); False: one group, every plane evicts the same tokens
+    per_head: bool
 
     def evict_slots(self, num_kept: int) -> Optional[range]:
         """The kept slots (of the request's one group, in table order) to evict after a step
@@ -47,6 +50,7 @@ class StreamingPolicy:
     window_tokens: int
     block_size: int
     name: str = "streaming"
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         assert self.sink_tokens >= 0 and self.window_tokens >= 1 and self.block_size >= 1
