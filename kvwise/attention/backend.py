@@ -76,6 +76,10 @@ class AttentionMetadata:
     # row in each KV head's plane of this layer, and the layer the view is for.
     slot_mapping_heads: Optional[torch.Tensor] = None
     layer: Optional[int] = None
+    # Called by the model after each layer's attention, when set (FastGen profiling and its
+    # decode-time scores; None on every other step, no cost):
+    # observer(layer, q [T, H, D], k_new, v_new [T, K, D] or None, kv, layer_meta, scale)
+    observer: Optional[Callable[..., None]] = None
 
     def for_layer(self, layer: int) -> AttentionMetadata:
         """The metadata layer `layer` reads: itself, or with per-head tables its own view."""

@@ -56,6 +56,9 @@ class DenseKV(KVStore):
         self.v[layer][slots, heads] = vs
         return ks.to(k.dtype), vs.to(v.dtype)
 
+    def gather_head_keys(self, layer: int, rows: torch.Tensor, head: int) -> torch.Tensor:
+        return self.k[layer][rows, head].to(self.compute_dtype)
+
     def gather_rows(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.compute_dtype
         return self.k[layer][rows].to(c), self.v[layer][rows].to(c)

@@ -99,6 +99,10 @@ class LayerKV:
         """rows [R] long flat slot rows -> k, v [R, K, D] in the compute dtype."""
         return self.store.gather_rows(self.layer, rows)
 
+    def gather_head_keys(self, rows: torch.Tensor, head: int) -> torch.Tensor:
+        """rows [R] -> the keys of one KV head at those rows [R, D] (compute dtype, rotated)."""
+        return self.store.gather_head_keys(self.layer, rows, head)
+
     def gather_blocks_sealed(self, block_ids: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """As gather_blocks, with rows of unsealed blocks as they will read once sealed (the
@@ -234,6 +238,10 @@ class KVStore:
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows as they read once their blocks are sealed (see `seals_later`)."""
         return self.gather_rows(layer, rows)
+
+    def gather_head_keys(self, layer: int, rows: torch.Tensor, head: int) -> torch.Tensor:
+        """One KV head's keys at `rows` [R] -> [R, D] (formats may read less than a row)."""
+        return self.gather_rows(layer, rows)[0][:, head]
 
     def copy_rows(self, src_rows: list[int], dst_rows: list[int],
                   plane: Optional[tuple[int, int]] = None) -> None:

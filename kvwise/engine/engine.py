@@ -32,10 +32,12 @@ import torch
 
 from kvwise.attention import get_backend
 from kvwise.cache.compress import CompressionPolicy, make_policy
+from kvwise.cache.compress.fastgen import TokenClasses, token_classes
 from kvwise.cache.kv_groups import plane_of_group
 from kvwise.cache.kv_manager import KVManager
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
+from kvwise.engine.fastgen import make_fastgen_policy
 from kvwise.engine.kv_setup import build_kv_store
 from kvwise.engine.model_setup import build_model
 from kvwise.engine.runner import ModelRunner, PromptSpan
@@ -116,6 +118,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_store, backend, self.device)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.groups: dict[str, _Group] = {}
+        self._classes: Optional[TokenClasses] = None  # FastGen's token classes, made on use
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
@@ -155,7 +158,8 @@ class LLMEngine:
             req = Request(rid, request_id, i, ids, params, metrics, max_tokens,
                           generator=self.generator if gen is None else gen,
                           cache_salt=cache_salt, hold_after_prefill=hold_after_prefill,
-                          lease_s=lease_s if hold_after_prefill else None, kv_policy=policy)
+                          lease_s=lease_s if hold_after_prefill else None,
+                          kv_policy=policy if i == 0 else self._kv_policy(params))  # own state
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
                                                      params.skip_special_tokens)
             children.append(req)
@@ -178,7 +182,30 @@ class LLMEngine:
             raise InvalidRequestError(f"kv_compression: {name} cannot run with kv_cache_dtype="
                                       f"{cfg.kv_cache_dtype} yet (evicting rows of quantized "
                                       "blocks is not supported)", "kv_compression")
+        if name == "fastgen":
+            if cfg.batch_invariant:
+                raise InvalidRequestError("kv_compression: fastgen cannot run with "
+                                          "batch_invariant (per-head KV groups read through "
+                                          "per-head tables)", "kv_compression")
+
+            def pick(own: Optional[float], default: float) -> float:
+                return default if own is None else own
+
+            shape = self.kv_store
+            return make_fastgen_policy(
+                pick(params.recovery_threshold, cfg.recovery_threshold),
+                pick(params.fastgen_local_ratio, cfg.fastgen_local_ratio),
+                pick(params.fastgen_frequent_ratio, cfg.fastgen_frequent_ratio),
+                self._token_classes(), shape.num_layers, shape.num_kv_heads)
         return make_policy(name, sink, window, cfg.block_size)
+
+    def _token_classes(self) -> TokenClasses:
+        """FastGen's special and punctuation token ids, from the loaded tokenizer (once)."""
+        if self._classes is None:
+            tok = self.tokenizer
+            self._classes = token_classes(tok.convert_ids_to_tokens(range(tok.vocab_size)),
+                                          tok.all_special_ids)
+        return self._classes
 
     def _compress(self, plan_requests: list[Request]) -> None:
         """Apply each compressed request's policy to the KV it kept after this step: evict,
@@ -202,6 +229,9 @@ class LLMEngine:
                     plane = None if copy.plane is None else plane_of_group(
                         copy.plane, self.kv_store.num_kv_heads)
                     self.kv_store.copy_rows(copy.src_rows, copy.dst_rows, plane)
+                    compacted = getattr(policy, "on_compacted", None)
+                    if compacted is not None:
+                        compacted(g)
 
     def _tokenize_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -581,10 +611,27 @@ class LLMEngine:
                              finished, group.metrics, scored)
 
     # -- introspection ----------------------------------------------------------------------
+    def _kv_entries(self) -> tuple[int, int]:
+        """(kept, full): (token, layer, KV head) KV entries the running requests hold, and what
+        they would hold uncompressed."""
+        kv = self.kv_manager
+        planes = kv.num_planes
+        kept = full = 0
+        for req in self.scheduler.running:
+            rid = req.request_id
+            n = kv.num_groups(rid)
+            kept += sum(kv.num_kept_tokens(rid, g) for g in range(n)) * (planes // n)
+            full += req.num_computed_tokens * planes
+        return kept, full
+
     def stats(self) -> dict[str, Any]:
         kv = self.kv_manager.stats()
+        kept, full = self._kv_entries()
         return {
             **kv,
+            # KV entries of the running requests, kept vs uncompressed (compression's ratio)
+            "kv_entries_kept": kept,
+            "kv_entries_full": full,
             "kv_bytes_per_block": self.kv_bytes_per_block,
             # bytes of KV held now: used blocks plus the format's side storage (KVQuant's fp16
             # open tails and sinks)

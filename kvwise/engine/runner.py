@@ -21,6 +21,7 @@ import torch
 
 from kvwise.attention.backend import AttentionBackend, AttentionMetadata, HeadTables, PrefillSpan
 from kvwise.cache.kv_store import KVStore
+from kvwise.engine.fastgen import step_observer
 from kvwise.model.llama import LlamaModel
 from kvwise.scheduler.plan import StepPlan
 from kvwise.scheduler.scheduler import scores_prompt
@@ -76,10 +77,12 @@ class ModelRunner:
         num_decode = 0
         row_lens: list[int] = []  # batch-invariant mode: each token's context length
         row_plan: list[int] = []  # and the plan row whose table it reads
+        row_starts: list[int] = []  # flat index of each plan row's first token
         for row, sch in enumerate(plan.scheduled):
             req, n, table = sch.request, sch.num_new_tokens, sch.block_table
             start_pos = req.num_computed_tokens
             start = len(ids)
+            row_starts.append(start)
             ids.extend(req.all_token_ids[start_pos:start_pos + n])
             pos.extend(range(start_pos, start_pos + n))  # true positions (RoPE)
             if sch.group_tables is not None:  # per-head tables: a decode row (HeadTables)
@@ -147,6 +150,7 @@ class ModelRunner:
             meta.row_context_lens = torch.tensor(row_lens, dtype=torch.long, device=dev)  # [T]
         if any(sch.group_tables is not None for sch in plan.scheduled):
             meta.heads = self._head_tables(plan, meta, num_decode)
+        meta.observer = step_observer(plan, num_decode, row_starts)  # FastGen rows, else None
         if self._prepare_backend is not None:
             meta.backend_data = self._prepare_backend(meta)
         return StepInputs(

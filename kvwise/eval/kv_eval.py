@@ -51,7 +51,8 @@ from kvwise.errors import InvalidRequestError
 from kvwise.outputs import RequestMetrics
 from kvwise.request import Request
 from kvwise.sampling_params import SamplingParams
-from kvwise.scheduler.plan import ScheduledRequest, StepPlan
+from kvwise.scheduler.plan import StepPlan
+from kvwise.scheduler.scheduler import scheduled_request
 
 BASELINE_DTYPE = "float32"
 RESULT_KEYS = ("setting", "ppl", "greedy_agreement", "kept_fraction", "kv_bytes_ratio",
@@ -195,7 +196,8 @@ def teacher_forced(engine: Any, context: list[int], continuation: list[int],
     fp32_token_bytes = format_class("float32").block_bytes(engine.model_config, s) / s
     rows: list[torch.Tensor] = []  # [1, V] each
     kept: list[float] = []
-    kv.start_request(request_id, [], commit_limit=0)
+    groups = kv.num_planes if getattr(req.kv_policy, "per_head", False) else 1
+    kv.start_request(request_id, [], num_groups=groups, commit_limit=0)
     try:
         budget = engine.config.max_num_batched_tokens
         while req.num_computed_tokens < req.num_tokens:  # the scheduler's prefill chunks
@@ -204,15 +206,22 @@ def teacher_forced(engine: Any, context: list[int], continuation: list[int],
         held = kv.num_planes_held(request_id) / kv.num_planes * engine.kv_bytes_per_block
         held += getattr(engine.kv_store, "side_bytes", 0)  # a format's storage beside blocks
         bytes_ratio = held / (fp32_token_bytes * len(context))
-        kept.append(kv.num_kept_tokens(request_id, 0) / req.num_computed_tokens)
+        kept.append(kept_fraction(kv, request_id, req.num_computed_tokens))
         for token in continuation[:-1]:
             req.append_token(token)
             rows.append(_step(engine, req, 1))
-            kept.append(kv.num_kept_tokens(request_id, 0) / req.num_computed_tokens)
+            kept.append(kept_fraction(kv, request_id, req.num_computed_tokens))
     finally:
         kv.free(request_id)
     nll, argmax = score_rows(torch.cat(rows), continuation)
     return WindowScores(nll, argmax, sum(kept) / len(kept), bytes_ratio)
+
+
+def kept_fraction(kv: Any, request_id: str, num_tokens: int) -> float:
+    """KV entries the request keeps over what the full cache would hold, averaged over its
+    groups (one per (layer, KV head) under a per-head policy)."""
+    n = kv.num_groups(request_id)
+    return sum(kv.num_kept_tokens(request_id, g) for g in range(n)) / (n * num_tokens)
 
 
 def _step(engine: Any, req: Request, n: int) -> torch.Tensor:
@@ -220,7 +229,7 @@ def _step(engine: Any, req: Request, n: int) -> torch.Tensor:
     for a prefill chunk that does not reach the end of the known tokens)."""
     kv, rid = engine.kv_manager, req.request_id
     kv.allocate(rid, req.num_computed_tokens + n)
-    sch = ScheduledRequest(req, n, kv.block_table(rid), kv.num_removed_slots(rid, 0))
+    sch = scheduled_request(kv, req, n)
     logits = engine.runner.run(engine.runner.prepare(StepPlan([sch]))).cpu()  # [R, V]
     req.num_computed_tokens += n
     kv.commit(rid, req.all_token_ids, req.num_computed_tokens)

@@ -243,6 +243,7 @@ class FusedDecode:
     def applies(meta: AttentionMetadata, backend_name: str, kv: KVStore, num_tokens: int,
                 num_logits: int) -> bool:
         return (num_logits == num_tokens and not meta.prefills and meta.heads is None
+                and meta.observer is None
                 and 0 < num_tokens <= SMALL_BATCH_MAX and num_tokens == meta.num_decode_tokens
                 and backend_name == "paged"
                 and kv.kernel_all() is not None and meta.decode_context_lens is not None)

@@ -195,6 +195,8 @@ class LlamaModel(nn.Module):
         qkv = layer.qkv(h)  # [T, (H+2K)D]
         q, k, v = self._rope_store(i, qkv, state.positions, state.tables, layer, kv, meta)
         attn = backend.forward(q, k, v, kv.layer(i), meta, self.scale)  # [T, H, D]
+        if meta.observer is not None:  # e.g. FastGen reading the prompt's attention
+            meta.observer(i, q, k, v, kv.layer(i), meta, self.scale)
         x = x + layer.o_proj(attn.reshape(t, -1))  # [T, E]
         h = self._rms(x, layer.post_norm)
         gu = layer.gate_up(h)  # [T, 2I]

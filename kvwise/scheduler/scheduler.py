@@ -121,6 +121,9 @@ class Scheduler:
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
+        reset = getattr(req.kv_policy, "reset", None)  # a stateful policy starts over (FastGen)
+        if reset is not None:
+            reset()
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.metrics.num_preemptions += 1
@@ -166,14 +169,7 @@ class Scheduler:
             budget -= num_new
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        rid = req.request_id
-        if self.kv.groups_differ(rid):  # per-head compressed: one table per (layer, KV head)
-            assert num_new == 1, (rid, num_new)
-            n = self.kv.num_groups(rid)
-            return ScheduledRequest(req, num_new, [], 0, self.kv.block_tables(rid),
-                                    [self.kv.num_removed_slots(rid, g) for g in range(n)])
-        return ScheduledRequest(req, num_new, self.kv.block_table(rid),
-                                self.kv.num_removed_slots(rid, 0))
+        return scheduled_request(self.kv, req, num_new)
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
@@ -200,3 +196,15 @@ def scores_prompt(req: Request) -> bool:
     that the prompt logprobs are complete; a recompute after preemption need not redo them)."""
     return req.params.prompt_logprobs is not None and req.index == 0 \
         and req.num_output_tokens == 0
+
+
+def scheduled_request(kv: KVManager, req: Request, num_new: int) -> ScheduledRequest:
+    """The plan entry of `num_new` tokens of `req` (its KV already allocated): its one table,
+    or (a per-head compressed request whose groups differ) its table per (layer, KV head)."""
+    rid = req.request_id
+    if kv.groups_differ(rid):
+        assert num_new == 1, (rid, num_new)
+        n = kv.num_groups(rid)
+        return ScheduledRequest(req, num_new, [], 0, kv.block_tables(rid),
+                                [kv.num_removed_slots(rid, g) for g in range(n)])
+    return ScheduledRequest(req, num_new, kv.block_table(rid), kv.num_removed_slots(rid, 0))
