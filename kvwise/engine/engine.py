@@ -632,6 +632,7 @@ class LLMEngine:
             # KV entries of the running requests, kept vs uncompressed (compression's ratio)
             "kv_entries_kept": kept,
             "kv_entries_full": full,
+            "kv_kept_ratio": kept / full if full else 1.0,
             "kv_bytes_per_block": self.kv_bytes_per_block,
             # bytes of KV held now: used blocks plus the format's side storage (KVQuant's fp16
             # open tails and sinks)

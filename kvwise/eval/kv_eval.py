@@ -2,15 +2,17 @@
 the cache, then teacher-force a continuation one token per step against it.
 
 A setting is one point of the settings grid: a KV format (`--kv-cache-dtypes`) crossed with a
-compression (`--kv-compressions`: `none`, `streaming:SINK:WINDOW`), or a peer's cache
+compression (`--kv-compressions`: `none`, `streaming:SINK:WINDOW`, `fastgen:T`), or a peer's cache
 (kvwise.eval.kv_peers). Per setting, over every window:
 - `ppl`: exp(mean NLL) of the continuation's next-token predictions; continuation token j is
   predicted from context + continuation[:j], with everything before it read from the cache (token
   0 by the prefill's last logit, token j > 0 by the decode step that feeds token j - 1);
 - `greedy_agreement`: positions where the argmax equals the kvwise fp32-cache baseline's argmax
   at the same position (teacher-forced, so positions line up whatever was predicted before);
-- `kept_fraction`: KV tokens the request keeps / tokens it has seen, after each step that makes a
-  prediction (its eviction applied), averaged over the continuation's predictions;
+- `kept_fraction`, `final_kept_fraction`, `mean_kept_fraction`: KV entries the request keeps /
+  entries a full cache would hold for the tokens it has seen (per (layer, KV head) group,
+  averaged over groups), right after the prefill (its eviction applied), after the last
+  prediction, and averaged over the continuation's predictions;
 - `kv_bytes_ratio`: KV bytes the window holds right after its prefill / what an fp32 cache would
   hold for the same tokens. kvwise uses the engine's own accounting: planes held (whole blocks,
   a partly filled tail block counted whole) x `engine.kv_bytes_per_block`, plus the bytes the
@@ -55,23 +57,26 @@ from kvwise.scheduler.plan import StepPlan
 from kvwise.scheduler.scheduler import scheduled_request
 
 BASELINE_DTYPE = "float32"
-RESULT_KEYS = ("setting", "ppl", "greedy_agreement", "kept_fraction", "kv_bytes_ratio",
-               "seconds")
+RESULT_KEYS = ("setting", "ppl", "greedy_agreement", "kept_fraction", "final_kept_fraction",
+               "mean_kept_fraction", "kv_bytes_ratio", "seconds")
 Window = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
 @dataclass(frozen=True)
 class KVCompression:
-    """One entry of the compression axis: `none` or `streaming:SINK:WINDOW`."""
+    """One entry of the compression axis: `none`, `streaming:SINK:WINDOW` or `fastgen:T`."""
 
     name: str = "none"
     sink_tokens: int = 0
     window_tokens: Optional[int] = None
+    recovery_threshold: Optional[float] = None  # fastgen
 
     @property
     def label(self) -> str:
         if self.name == "none":
             return "none"
+        if self.name == "fastgen":
+            return f"fastgen:{self.recovery_threshold:g}"
         return f"{self.name}:{self.sink_tokens}:{self.window_tokens}"
 
 
@@ -87,14 +92,25 @@ def parse_kv_compressions(spec: str) -> list[KVCompression]:
         elif name == "streaming" and len(args) == 2 and all(a.isdigit() for a in args) \
                 and int(args[1]) >= 1:
             out.append(KVCompression("streaming", int(args[0]), int(args[1])))
+        elif name == "fastgen" and len(args) == 1 and _unit_float(args[0]) is not None:
+            out.append(KVCompression("fastgen", recovery_threshold=_unit_float(args[0])))
         else:
             raise InvalidRequestError(
-                f"kv_compressions: cannot parse {entry!r}; entries are `none` or "
-                f"`streaming:SINK:WINDOW` (SINK >= 0, WINDOW >= 1; known: {KV_COMPRESSIONS})",
-                "kv_compressions")
+                f"kv_compressions: cannot parse {entry!r}; entries are `none`, "
+                f"`streaming:SINK:WINDOW` (SINK >= 0, WINDOW >= 1) or `fastgen:T` (0 <= T <= 1; "
+                f"known: {KV_COMPRESSIONS})", "kv_compressions")
     if not out:
         raise InvalidRequestError("kv_compressions: give at least one entry", "kv_compressions")
     return out
+
+
+def _unit_float(text: str) -> Optional[float]:
+    """`text` as a number in [0, 1], or None."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if 0.0 <= x <= 1.0 else None
 
 
 @dataclass(frozen=True)
@@ -139,8 +155,10 @@ class WindowScores:
 
     nll: torch.Tensor  # [C] float64, NLL of each continuation token
     argmax: torch.Tensor  # [C] long, the setting's greedy prediction at each position
-    kept_fraction: float  # mean over the C predictions
+    mean_kept_fraction: float  # mean over the C predictions
     kv_bytes_ratio: float  # right after the prefill
+    kept_fraction: float = 1.0  # right after the prefill
+    final_kept_fraction: float = 1.0  # after the last prediction
 
 
 def score_rows(logits: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +180,8 @@ class KVEvalResult:
     ppl: float
     greedy_agreement: float
     kept_fraction: float
+    final_kept_fraction: float
+    mean_kept_fraction: float
     kv_bytes_ratio: float
     seconds: float
 
@@ -176,6 +196,8 @@ def summarize(setting: str, windows: Sequence[WindowScores], base_argmax: Sequen
     return KVEvalResult(setting, math.exp(nll.mean().item()),
                         greedy_agreement([w.argmax for w in windows], base_argmax),
                         sum(w.kept_fraction for w in windows) / n,
+                        sum(w.final_kept_fraction for w in windows) / n,
+                        sum(w.mean_kept_fraction for w in windows) / n,
                         sum(w.kv_bytes_ratio for w in windows) / n, seconds)
 
 
@@ -188,7 +210,8 @@ def teacher_forced(engine: Any, context: list[int], continuation: list[int],
     n_cont = len(continuation)
     params = SamplingParams(max_tokens=n_cont, kv_compression=compression.name,
                             sink_tokens=compression.sink_tokens,
-                            window_tokens=compression.window_tokens)
+                            window_tokens=compression.window_tokens,
+                            recovery_threshold=compression.recovery_threshold)
     # the engine's own resolution of a request's compression (and its refusals)
     req = Request(request_id, request_id, 0, list(context), params,
                   RequestMetrics(arrival_time=0.0), max_tokens=n_cont,
@@ -207,6 +230,7 @@ def teacher_forced(engine: Any, context: list[int], continuation: list[int],
         held += getattr(engine.kv_store, "side_bytes", 0)  # a format's storage beside blocks
         bytes_ratio = held / (fp32_token_bytes * len(context))
         kept.append(kept_fraction(kv, request_id, req.num_computed_tokens))
+        after_prefill = kept[0]
         for token in continuation[:-1]:
             req.append_token(token)
             rows.append(_step(engine, req, 1))
@@ -214,7 +238,8 @@ def teacher_forced(engine: Any, context: list[int], continuation: list[int],
     finally:
         kv.free(request_id)
     nll, argmax = score_rows(torch.cat(rows), continuation)
-    return WindowScores(nll, argmax, sum(kept) / len(kept), bytes_ratio)
+    return WindowScores(nll, argmax, sum(kept) / len(kept), bytes_ratio, after_prefill,
+                        kept[-1])
 
 
 def kept_fraction(kv: Any, request_id: str, num_tokens: int) -> float:
@@ -297,5 +322,6 @@ def _warm_up(engine: Any, window: Window) -> None:
 def format_line(r: KVEvalResult, base_ppl: float) -> str:
     return (f"{r.setting:<40} ppl={r.ppl:.4f} ({r.ppl / base_ppl - 1:+.3%} vs "
             f"kvwise/kv={BASELINE_DTYPE}) greedy_agreement={r.greedy_agreement:.4f} "
-            f"kept_fraction={r.kept_fraction:.4f} kv_bytes_ratio={r.kv_bytes_ratio:.4f} "
+            f"kept_fraction={r.kept_fraction:.4f} final_kept_fraction="
+            f"{r.final_kept_fraction:.4f} kv_bytes_ratio={r.kv_bytes_ratio:.4f} "
             f"seconds={r.seconds:.1f}")

@@ -65,15 +65,17 @@ def test_score_rows_and_agreement():
 
 def test_summarize_averages_over_all_predictions():
     w1 = WindowScores(torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1, 2]),
-                      1.0, 0.5)
+                      1.0, 0.5, 1.0, 0.5)
     w2 = WindowScores(torch.tensor([3.0, 6.0], dtype=torch.float64), torch.tensor([3, 4]),
-                      0.5, 0.25)
+                      0.5, 0.25, 0.5, 0.25)
     r = summarize("x", [w1, w2], [torch.tensor([1, 0]), torch.tensor([3, 4])], 1.5)
     assert r.ppl == pytest.approx(math.exp(3.0))
-    assert (r.greedy_agreement, r.kept_fraction, r.kv_bytes_ratio) == (0.75, 0.75, 0.375)
+    assert (r.greedy_agreement, r.mean_kept_fraction, r.kv_bytes_ratio) == (0.75, 0.75, 0.375)
+    assert (r.kept_fraction, r.final_kept_fraction) == (0.75, 0.375)
     row = json.loads(json.dumps(r.as_json()))
-    assert list(row) == list(RESULT_KEYS) == ["setting", "ppl", "greedy_agreement",
-                                              "kept_fraction", "kv_bytes_ratio", "seconds"]
+    assert list(row) == list(RESULT_KEYS) == [
+        "setting", "ppl", "greedy_agreement", "kept_fraction", "final_kept_fraction",
+        "mean_kept_fraction", "kv_bytes_ratio", "seconds"]
     assert row["setting"] == "x" and row["seconds"] == 1.5
 
 
@@ -81,8 +83,12 @@ def test_parse_kv_compressions():
     assert parse_kv_compressions("none, streaming:4:128") == [
         KVCompression(), KVCompression("streaming", 4, 128)]
     assert parse_kv_compressions("streaming:0:1")[0].label == "streaming:0:1"
+    assert parse_kv_compressions("fastgen:0.95") == [KVCompression("fastgen",
+                                                                   recovery_threshold=0.95)]
+    assert parse_kv_compressions("fastgen:1")[0].label == "fastgen:1"
     for bad in ("", "streaming", "streaming:4", "streaming:4:0", "streaming:a:8",
-                "streaming:-1:8", "none:1", "fastgen"):
+                "streaming:-1:8", "none:1", "fastgen", "fastgen:1.5", "fastgen:x",
+                "fastgen:0.9:1"):
         with pytest.raises(InvalidRequestError, match="kv_compressions"):
             parse_kv_compressions(bad)
 
@@ -120,6 +126,8 @@ def test_missing_peer_package_names_it_and_make_peers(monkeypatch):
 
 CTX, CONT, SINK, WINDOW = 64, 16, 4, 16
 STREAMING = KVCompression("streaming", SINK, WINDOW)
+FASTGEN_NEUTRAL = KVCompression("fastgen", recovery_threshold=1.0)
+FASTGEN = KVCompression("fastgen", recovery_threshold=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +142,9 @@ def kv_run(llm):
         return LLM("smollm2-135m", threads=2, max_model_len=2048, kv_cache_memory="64MiB",
                    max_num_batched_tokens=256, weight_dtype="fp32", kv_cache_dtype=kv_cache_dtype)
 
-    settings = [KVSetting("float32"), KVSetting("float32", STREAMING), KVSetting("float16"),
-                KVSetting("int8")]
+    settings = [KVSetting("float32"), KVSetting("float32", STREAMING),
+                KVSetting("float32", FASTGEN_NEUTRAL), KVSetting("float32", FASTGEN),
+                KVSetting("float16"), KVSetting("int8")]
     results, windows, base = measure_kvwise(make_llm, pydoc_text()[:20000], CTX, CONT, 1,
                                             settings)
     return {r.setting: r for r in results}, windows, base
@@ -186,7 +195,9 @@ def test_streaming_evicts_during_prefill_and_continuation(kv_run):
     for seen in range(CTX, CTX + CONT):  # after the prefill, then after each decode step
         kept = _streaming_kept(seen, kept + (seen > CTX))
         fractions.append(kept / seen)
-    assert r.kept_fraction == pytest.approx(sum(fractions) / CONT)
+    assert r.mean_kept_fraction == pytest.approx(sum(fractions) / CONT)
+    assert (r.kept_fraction, r.final_kept_fraction) == pytest.approx((fractions[0],
+                                                                      fractions[-1]))
     # after the prefill: 20 tokens kept, compacted into 2 of the context's 4 blocks
     assert r.kv_bytes_ratio == pytest.approx(2 / 4)
     assert r.ppl != results["kvwise/kv=float32"].ppl
@@ -240,3 +251,16 @@ def test_quanto_refuses_a_context_its_key_groups_cannot_tile():
     with pytest.raises(KvwiseError, match="multiple of 32, got 48"):
         kv_peers.measure_peers(kv_peers.parse_peers("quanto:int4"), "unused.gguf", windows,
                                [torch.zeros(8, dtype=torch.long)], 1)
+
+
+def test_fastgen_axis_neutral_and_compressing(kv_run):
+    """fastgen:1 keeps every head full: the baseline's predictions exactly; fastgen:0.8 evicts
+    right after the prefill (its profile) and so predicts differently."""
+    results, _, _ = kv_run
+    base = results["kvwise/kv=float32"]
+    neutral = results["kvwise/kv=float32/comp=fastgen:1"]
+    assert (neutral.ppl, neutral.greedy_agreement, neutral.kept_fraction) == (base.ppl, 1.0, 1.0)
+    r = results["kvwise/kv=float32/comp=fastgen:0.8"]
+    assert r.kept_fraction < 1.0 and r.final_kept_fraction < 1.0
+    assert r.ppl != base.ppl
+
