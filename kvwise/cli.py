@@ -219,8 +219,8 @@ def cmd_eval_kv(args: argparse.Namespace) -> int:
 
     spec = args.kv_compressions
     if spec is None:  # the engine flags' own compression (default none)
-        spec = "none" if cfg.kv_compression == "none" else \
-            f"{cfg.kv_compression}:{cfg.sink_tokens}:{cfg.window_tokens}"
+        spec = {"none": "none", "fastgen": f"fastgen:{cfg.recovery_threshold}"}.get(
+            cfg.kv_compression, f"{cfg.kv_compression}:{cfg.sink_tokens}:{cfg.window_tokens}")
     settings = kv_eval.kvwise_settings(kv_dtypes, kv_eval.parse_kv_compressions(spec))
     peers = kv_peers.parse_peers(args.peers) if args.peers else []
     kv_peers.check_available(peers)
@@ -276,6 +276,34 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
 
     passkey.measure(make_llm, kv_dtypes, [int(n) for n in lens], args.trials, cfg.seed,
                     args.prompt_style, report)
+    return 0
+
+
+def cmd_inspect_kv(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise KvwiseError("inspect kv: give exactly one of --prompt TEXT or --prompt-file FILE")
+    if args.output is not None and not args.output.endswith(".png"):
+        raise KvwiseError(f"inspect kv: --output must name a .png file, got {args.output!r}")
+    params = sampling_params_from_args(args)
+    text = args.prompt
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    if not text:
+        raise KvwiseError("inspect kv: the prompt is empty")
+    llm = _make_llm(args)
+    from kvwise.eval import inspect_kv
+
+    ids = llm.get_tokenizer().encode(text)
+    choices = inspect_kv.fastgen_choices(llm, ids, params)
+    for c in choices:
+        print(json.dumps(c.as_json()) if args.json else inspect_kv.format_line(c))
+    kept = sum(c.kept_fraction for c in choices) / len(choices)
+    print(f"# {len(ids)} prompt tokens, kept fraction {kept:.4f} over {len(choices)} groups",
+          file=sys.stderr)
+    if args.output:
+        inspect_kv.draw(choices, args.output, f"{len(ids)} tokens, kept {kept:.3f}")
+        print(f"# wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -361,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per setting")
     add_engine_args(e)
     e.set_defaults(func=cmd_eval_passkey)
+
+    p = sub.add_parser("inspect", help="look inside the engine for one prompt")
+    isub = p.add_subparsers(dest="inspect_kind", required=True)
+    e = isub.add_parser("kv", help="FastGen's policy per (layer, KV head) for one prompt")
+    e.add_argument("--prompt", help="prompt text")
+    e.add_argument("--prompt-file", help="file whose text is the prompt")
+    e.add_argument("--output", help="write the policy map as a PNG here")
+    e.add_argument("--json", action="store_true", help="one JSON object per group")
+    add_engine_args(e)
+    add_sampling_args(e)
+    e.set_defaults(func=cmd_inspect_kv)
 
     add_calibrate_parser(sub)
     _add_optional(sub, "kvwise.bench.cli", "add_bench_parser")
