@@ -148,6 +148,9 @@ class EngineConfig:
                 if got != want:
                     raise bad("batch_invariant", f"needs {name}={want} (its row-invariant "
                               f"kernels are the CPU fp32 paged ones), got {name}={got!r}")
+            if self.kv_compression == "fastgen":
+                raise bad("kv_compression", "fastgen cannot run with batch_invariant (its "
+                          "per-head KV groups are read through per-head tables)")
             if self.resolved_kv_cache_dtype == "bfloat16" or self.kvquant:
                 raise bad("batch_invariant", "needs a KV format the CPU attention kernel reads "
                           f"(float32, float16, int8), got kv_cache_dtype="

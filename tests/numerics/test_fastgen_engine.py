@@ -98,3 +98,13 @@ def test_bad_fastgen_settings_are_refused():
                          ("fastgen_frequent_ratio", float("nan"))):
         with pytest.raises(InvalidRequestError, match=field):
             SamplingParams(kv_compression="fastgen", **{field: value})
+
+
+def test_fastgen_refusals_name_the_field():
+    from kvwise.config import EngineConfig
+    from kvwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_compression"):
+        EngineConfig.from_kwargs(kv_compression="fastgen", batch_invariant=True)
+    with pytest.raises(ConfigError, match="kv_compression"):
+        EngineConfig.from_kwargs(kv_compression="fastgen", kv_cache_dtype="nuq3-1%")

@@ -43,14 +43,16 @@ def streaming():
     return _llm(kv_compression="streaming", sink_tokens=SINK, window_tokens=WINDOW)
 
 
-def test_peak_kv_of_a_4000_token_generation_is_bounded(streaming):
+def test_peak_kv_of_a_long_generation_is_bounded(streaming):
+    """1000 tokens (the 4000-token run of issue 14 is in its note; CI time): 63 blocks without
+    compression, the bound is 6."""
     streaming.engine.kv_manager.reset_peak()
-    (tokens,) = _greedy(streaming, [PROMPT], 4000)
-    assert len(tokens) == 4000
+    (tokens,) = _greedy(streaming, [PROMPT], 1000)
+    assert len(tokens) == 1000
     stats = streaming.stats()
     bound = -(-(SINK + WINDOW) // 16) + 1  # sink + window + one block (one group)
     print(f"peak blocks {stats['peak_blocks_used']} (bound {bound}); without compression "
-          f"{-(-(4000 + 12) // 16)}")
+          f"{-(-(1000 + 12) // 16)}")
     assert stats["peak_blocks_used"] <= bound
 
 

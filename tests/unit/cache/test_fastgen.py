@@ -31,8 +31,10 @@ def exact_budget(ratio: float, length: int) -> int:
 
 
 def reference_keep(policy: str, positions: list[int], ids: list[int], scores: list[float],
-                   length: int, window: int, r_f: float, classes: TokenClasses) -> list[bool]:
-    """The keep rule written plainly: union of the components, in order."""
+                   length: int, window: int, r_f: float, classes: TokenClasses,
+                   counts: list[float]) -> list[bool]:
+    """The keep rule written plainly: union of the components, in order; heavy hitters by
+    mean attention (score / queries that saw the key)."""
     kept = [False] * len(positions)
     for part in policy.split("+"):
         if part == "special":
@@ -46,7 +48,7 @@ def reference_keep(policy: str, positions: list[int], ids: list[int], scores: li
         else:
             assert part == "frequent"
             free = [i for i in range(len(positions)) if not kept[i]]
-            free.sort(key=lambda i: (-scores[i], positions[i]))
+            free.sort(key=lambda i: (-scores[i] / counts[i], positions[i]))
             top = set(free[: exact_budget(r_f, length)])
             add = [i in top for i in range(len(positions))]
         kept = [a or b for a, b in zip(kept, add)]
@@ -66,9 +68,10 @@ def reference_profile(q, k, ids, r_l, r_f, scale, rows):
     first = n - (n if rows is None else rows)
     window = exact_budget(r_l, n)
     out = []
+    counts = [sum(1 for i in range(first, n) if i >= j) for j in range(n)]  # rows seeing key j
     for attn in pooled[:, first:]:  # [R, n] the profiled rows
         scores = attn.sum(dim=0).tolist()
-        masks = [reference_keep(c, list(range(n)), ids, scores, n, window, r_f, CLASSES)
+        masks = [reference_keep(c, list(range(n)), ids, scores, n, window, r_f, CLASSES, counts)
                  for c in CANDIDATES]
         # per row: mass on kept keys (a row sees keys <= its position), then the mean of rows
         recs = [float((attn * torch.tensor(m, dtype=torch.float64)).sum(dim=1).mean())
@@ -203,20 +206,23 @@ def test_local_window_slides_exactly_and_keeps_special():
         g.check_integrity()
 
 
-def test_frequent_evicts_the_lowest_running_score():
-    # prompt of 8, r_f = 0.25: BOS at 0 (score 0, pinned) and heavy hitters 2 and 5
+def test_frequent_evicts_the_lowest_mean_attention():
+    # prompt of 8, r_f = 0.25: BOS at 0 (score 0, pinned) and heavy hitters 2 and 5, each seen
+    # by one query so far; a key's rank is its score / the queries that saw it
     g = group("special+punct+frequent", [0, 2, 5], [SPECIAL, 5, 5], [0.0, 3.0, 0.5], length=8,
               r_f=0.25)
     step = g.on_token(8, 6, torch.tensor([0.5, 0.25, 0.125, 0.125]))  # budget ceil(2.25) = 3
     assert step.evict == () and kept(g) == [0, 2, 5, 8]
-    step = g.on_token(9, 6, torch.tensor([0.25, 0.25, 0.0, 0.25, 0.25]))  # 9 has 0.25: lowest
-    assert step.evict == (9,) and not step.admitted
-    # 5 and 8 tie at 0.625: the lower position stays
+    # scores 3.5, 0.625, 0.375, 0.25 over 3, 3, 2, 1 queries: 8 has the lowest mean (0.1875)
+    step = g.on_token(9, 6, torch.tensor([0.25, 0.25, 0.0, 0.25, 0.25]))
+    assert step.evict == (8,) and step.admitted and kept(g) == [0, 2, 5, 9]
+    # means: 2 0.875, 5 0.156, 9 0.25, 10 0.75 (a new token ranks by what it got, once)
     step = g.on_token(10, 6, torch.tensor([0.0, 0.0, 0.0, 0.25, 0.75]))
-    assert step.evict == (8,) and step.admitted and kept(g) == [0, 2, 5, 10]
-    step = g.on_token(11, 6, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))  # 11 beats 5 (0.625)
-    assert step.evict == (5,) and kept(g) == [0, 2, 10, 11]
+    assert step.evict == (5,) and step.admitted and kept(g) == [0, 2, 9, 10]
+    step = g.on_token(11, 6, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))  # 9 at 0.167 goes
+    assert step.evict == (9,) and kept(g) == [0, 2, 10, 11]
     assert g.scores.tolist() == [0.75, 3.5, 0.75, 1.0]
+    assert g.counts.tolist() == [5.0, 5.0, 2.0, 1.0]
     g.check_integrity()
     with pytest.raises(ValueError, match="attention_mass"):
         g.on_token(12, 6, torch.ones(3))
@@ -262,6 +268,7 @@ def test_decode_keeps_its_budget_and_its_classes(prompt, r_l, r_f, seed, steps, 
             CLASSES.punct if "punct" in parts else frozenset())
         tokens = ids.tolist()
         ref = dict(zip(kept(g), g.scores.tolist()))
+        seen = dict(zip(kept(g), g.counts.tolist()))  # queries that saw each kept key
         for pos in range(n0, n0 + steps):
             tok = int(torch.randint(0, VOCAB, (1,), generator=gen))
             mass = torch.rand(len(ref) + 1, generator=gen, dtype=torch.float64)
@@ -270,11 +277,13 @@ def test_decode_keeps_its_budget_and_its_classes(prompt, r_l, r_f, seed, steps, 
             step = g.on_token(pos, tok, mass)
             tokens.append(tok)
             ref = {p: s + m for (p, s), m in zip([*ref.items(), (pos, 0.0)], mass.tolist())}
+            seen = {p: seen.get(p, 0.0) + 1 for p in ref}
             positions = sorted(ref)
             keep = reference_keep(policy, positions, [tokens[p] for p in positions],
                                   [ref[p] for p in positions], pos + 1, profile.window, r_f,
-                                  CLASSES)
+                                  CLASSES, [seen[p] for p in positions])
             ref = {p: ref[p] for p, kp in zip(positions, keep) if kp}
+            seen = {p: seen[p] for p in ref}
             assert kept(g) == sorted(ref)
             assert set(step.evict) == (before | {pos}) - set(ref)
             assert step.admitted == (pos in ref)
