@@ -38,7 +38,7 @@ run: install
 test: install
 	$(VENV)/bin/ruff check kvwise tests
 	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
-	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider tests  # kvwise sets it too; here in case a plugin loads torch first
+	GOMP_SPINCOUNT=10000 $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests  # kvwise sets it too; here in case a plugin loads torch first
 	@echo "== kernel and fused-step tests again, capped to AVX2 (KVWISE_CPU_ISA=avx2): the code an AVX2-only CPU such as Zen 3 runs (no AVX-512, VNNI, bf16)"
 	# a fresh process: numba and torch fix their target at import / first op. KVWISE_CPU_ISA is
 	# enough because tests/conftest.py imports kvwise, which exports the cap, before anything else
