@@ -50,6 +50,7 @@ import torch
 from kvwise.cache.kv_store import format_class
 from kvwise.config import KV_COMPRESSIONS
 from kvwise.errors import InvalidRequestError
+from kvwise.eval.limits import check_fits
 from kvwise.outputs import RequestMetrics
 from kvwise.request import Request
 from kvwise.sampling_params import SamplingParams
@@ -261,18 +262,6 @@ def _step(engine: Any, req: Request, n: int) -> torch.Tensor:
     # the engine's own post-step compression (evict, compact, copy rows), not a copy of it
     engine._compress([req])
     return logits
-
-
-def check_fits(engine: Any, total: int, what: str, field: str) -> None:
-    """Refuse, naming `field`, an eval request of `total` tokens (`what`, e.g. "a window of
-    1024 tokens") that the engine's max_model_len or KV pool cannot hold."""
-    if total > engine.max_model_len:
-        raise InvalidRequestError(f"{what} exceeds max_model_len={engine.max_model_len}",
-                                  field)
-    need = -(-total // engine.config.block_size)
-    if need > engine.num_blocks:
-        raise InvalidRequestError(f"{what} needs {need} KV blocks, the pool has "
-                                  f"{engine.num_blocks}; raise --kv-cache-memory", field)
 
 
 def measure_kvwise(make_llm: Callable[[str], Any], text: str, context_len: int,

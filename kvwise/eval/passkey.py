@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kvwise.errors import InvalidRequestError
-from kvwise.eval.kv_eval import check_fits
+from kvwise.eval.limits import check_fits
 from kvwise.sampling_params import SamplingParams
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "

@@ -34,7 +34,9 @@ def test_eval_kv_json_one_object_per_setting(llm, tmp_path):
     assert (base["greedy_agreement"], base["kept_fraction"], base["kv_bytes_ratio"]) == \
         (1.0, 1.0, 1.0)
     assert f16["kv_bytes_ratio"] == 0.5 and f16["kept_fraction"] == 1.0
-    assert streaming["kept_fraction"] < 1.0
+    # 32 context tokens stay under sink + window + S (36): the evictions come while decoding
+    assert streaming["kept_fraction"] == 1.0 > streaming["final_kept_fraction"]
+    assert streaming["mean_kept_fraction"] < 1.0
     assert all(r["seconds"] > 0 for r in rows)
     # the baseline ppl, independently: a full forward of each window through the fixture
     with open(path, encoding="utf-8") as f:
@@ -56,8 +58,8 @@ def test_eval_kv_text_lines(tmp_path):
         assert "vs kvwise/kv=float32)" in line
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item
                       and not item.startswith("kvwise/"))
-        assert set(fields) == {"ppl", "greedy_agreement", "kept_fraction", "kv_bytes_ratio",
-                               "seconds"}
+        assert set(fields) == {"ppl", "greedy_agreement", "kept_fraction",
+                               "final_kept_fraction", "kv_bytes_ratio", "seconds"}
     assert "+0.000%" in lines[0]
 
 
