@@ -25,12 +25,15 @@ Per request (one `FastGenPolicy` each, `per_head = True`, so its KV has L*K grou
   profiled again.
 
 Invariants:
-- A group's kept positions (FastGenGroup) are exactly its live slots, in slot order.
+- A group's kept positions (FastGenGroup) are exactly its live slots, in slot order; a "full"
+  group keeps every slot and its bookkeeping is not run (only its length advances).
 - The neutral setting `recovery_threshold=1.0` makes every group "full" (no policy but full
-  reaches 1.0 unless it keeps every key it sees): nothing is evicted.
+  reaches 1.0 unless it keeps every key it sees): nothing is evicted, and once profiled such a
+  request needs no observer, so its decode steps may run the fused step again.
 - Composition: KV formats that write per head (dense, int8) compose; KVQuant formats are
   refused at the config. Shared prefix chunks are never mutated by an eviction (the KV
-  manager copies kept rows out of them); steps with FastGen rows run the paged path.
+  manager copies kept rows out of them); steps with per-head rows run the paged path
+  (two-phase routes them there), steps with an observer the per-op path.
 """
 
 from __future__ import annotations
