@@ -152,7 +152,13 @@ class Scheduler:
             # Conservative fit check before touching any state: the hit chunks may be
             # evictable (counted as available) and stop being so once attached.
             need = (hit + num_new + s - 1) // s
-            if num_new == 0 or need > self.kv.num_available_blocks():
+            avail = self.kv.num_available_blocks()
+            # Admission: its whole known tokens and its next one must fit beside what the
+            # running requests still need to reach theirs; a request admitted only for its
+            # first chunk would take the blocks the others' next chunks need, and be preempted
+            # and recomputed over and over when the pool is the bound (long prompts)
+            whole = (req.num_tokens + s) // s - hit // s
+            if num_new == 0 or need > avail or whole + self._promised() > avail:
                 req.num_computed_tokens = 0
                 break
             # a compressed request shares its prompt's chunks only (KVManager.start_request)
@@ -167,6 +173,19 @@ class Scheduler:
             self.running.append(req)
             plan.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _promised(self) -> int:
+        """Blocks the running requests still need to hold all their known tokens and one
+        more (prompt chunks not computed yet, the next decode slot); 0 for requests whose
+        groups differ (they grow by planes, a decode row at a time)."""
+        s, total = self.kv.block_size, 0
+        for r in self.running:
+            rid = r.request_id
+            if self.kv.groups_differ(rid):
+                continue
+            slots = r.num_tokens + 1 - self.kv.num_removed_slots(rid, 0)
+            total += max(0, -(-slots // s) - len(self.kv.block_table(rid)))
+        return total
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         return scheduled_request(self.kv, req, num_new)

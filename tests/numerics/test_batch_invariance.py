@@ -31,10 +31,10 @@ def alone(llm, prompts):
     return [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
 
-def _together(engine_args, prompts):
+def _together(engine_args, prompts, max_tokens=MAX_TOKENS):
     # fp32 weights, like the session `llm` that computes the "alone" outputs
     llm = LLM("smollm2-135m", threads=2, max_model_len=512, weight_dtype="fp32", **engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     llm.engine.check_integrity()
     stats = llm.stats()
@@ -77,9 +77,10 @@ def test_fp16_kv_cache_batched_preempted_equals_alone(llm, prompts):
               weight_dtype="fp32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     alone16 = [ref.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in sub]
-    # 14 blocks of 16 = 224 slots for 12 requests of up to 162 tokens: preemption is forced
+    # 13 blocks of 16 for 12 requests of up to 162 tokens: admission fills the pool with whole
+    # prompts (and their next token), their outputs outgrow it: preemption is forced
     got, stats = _together(dict(kv_cache_dtype="float16", max_num_batched_tokens=64,
-                                num_blocks=14, max_num_seqs=12, enable_prefix_caching=False),
+                                num_blocks=13, max_num_seqs=12, enable_prefix_caching=False),
                            sub)
     assert stats["num_preemptions"] > 0
     assert got == alone16

@@ -108,3 +108,16 @@ def test_fastgen_refusals_name_the_field():
         EngineConfig.from_kwargs(kv_compression="fastgen", batch_invariant=True)
     with pytest.raises(ConfigError, match="kv_compression"):
         EngineConfig.from_kwargs(kv_compression="fastgen", kv_cache_dtype="nuq3-1%")
+
+
+def test_fastgen_composes_with_the_int8_cache():
+    """Per-head writes of int8 codes and scales (write_heads): the neutral setting gives the
+    int8 cache's own tokens, a compressing one runs consistently and returns every block."""
+    # no prefix caching: a hit would compute the tail in a smaller step, whose ~1e-7 GEMM
+    # differences move int8 codes (a property of the int8 cache, tested in test_int8_kv.py)
+    llm = _llm(kv_cache_dtype="int8", enable_prefix_caching=False)
+    want = _greedy(llm)
+    assert _greedy(llm, kv_compression="fastgen", recovery_threshold=1.0) == want
+    ids = llm.get_tokenizer().encode(" ".join(PROMPTS) * 8)[:400]
+    got = _greedy(llm, 24, [ids], kv_compression="fastgen", recovery_threshold=0.9)
+    assert len(got[0]) == 24

@@ -29,7 +29,8 @@ kept key after i, e.g. the local window seen from an early row, adds nothing). A
 recovery is the mean over the profiled rows. A mask is over keys only, so that mean equals
 (mask . scores) / rows, scores[j] being the summed mass of the profiled rows on key j: one
 chunked pass yields `scores`, then each candidate costs a dot product. The first candidate
-whose recovery >= threshold wins; the last one ("full") wins if none does.
+whose recovery >= threshold wins; the last one ("full") wins if none does, and always when
+threshold >= 1 (a rounded sum of probabilities can reach 1 without every key).
 
 Decode (`FastGenGroup.on_token`), per new token: its K/V is written and its own query attends
 the kept keys and itself (the attention that produced it cannot be undone); the caller passes
@@ -287,7 +288,10 @@ def profile_layer(q: torch.Tensor, k: torch.Tensor, token_ids: torch.Tensor,
         for h in range(num_kv)
     ])  # [K, P, n] bool
     recoveries = (masks.to(scores.dtype) * scores[:, None, :]).sum(dim=-1) / num_rows  # [K, P]
-    meets = (recoveries >= threshold).tolist()
+    # T >= 1 asks for all of a head's attention: only keeping every key it sees gives that, and
+    # a sum of probabilities can round to >= 1 without it, so such a threshold picks "full"
+    meets = (recoveries >= threshold).tolist() if threshold < 1.0 else \
+        [[c == "full" for c in candidates] for _ in range(num_kv)]
     chosen = [next((i for i, ok in enumerate(row) if ok), len(row) - 1) for row in meets]
     heads = torch.arange(num_kv, device=q.device)
     index = torch.tensor(chosen, device=q.device)

@@ -43,6 +43,27 @@ def test_chunked_prefill_splits_budget_fcfs():
     assert plan.scheduled[1].samples and plan.scheduled[0].samples
 
 
+def test_admission_waits_for_room_for_the_whole_prompt():
+    """A request is admitted only if all its tokens (and the next) fit beside what the running
+    ones still need for theirs: a first chunk alone would take their next chunks' blocks."""
+    kv = KVManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=4)  # 4-token chunks
+    a, b = req("a", 11), req("b", 8, base=50)  # a: 3 blocks with its next token; b: 3
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()  # a holds 1 block and promises 2: b's 3 do not fit in 5 - 2
+    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 4)]
+    finish_step(sched, plan)
+    plan = sched.schedule()  # a holds 2, promises 1: 3 free, 1 promised, b still waits
+    assert [s.request.request_id for s in plan.scheduled] == ["a"]
+    assert [r.request_id for r in sched.waiting] == ["b"]
+    finish_step(sched, plan)
+    plan = sched.schedule()  # a's last chunk takes its 3rd block; its next token fits there
+    assert [(s.request.request_id, s.num_new_tokens) for s in plan.scheduled] == [
+        ("a", 3), ("b", 1)]
+    assert not sched.waiting and sched.num_preemptions == 0
+
+
 def test_max_num_seqs_and_fcfs_blocking():
     kv = KVManager(num_blocks=3, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=100)
@@ -59,12 +80,14 @@ def test_max_num_seqs_and_fcfs_blocking():
 def test_preemption_takes_newest_and_requeues_at_head():
     kv = KVManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=100)
-    a, b = req("a", 4), req("b", 4, base=10)
+    a, b = req("a", 3), req("b", 3, base=10)
     sched.add(a)
     sched.add(b)
-    finish_step(sched, sched.schedule())  # both prefilled: 2 blocks each, pool full
+    # both admitted (3 tokens + the next fit 2 blocks each) and prefilled: pool full
+    finish_step(sched, sched.schedule())
     assert kv.stats()["num_blocks_free"] == 0
-    plan = sched.schedule()  # a needs a 3rd block for its decode -> b is preempted
+    finish_step(sched, sched.schedule())  # both decode their 4th token into their 2nd block
+    plan = sched.schedule()  # a needs a 3rd block for its 5th token -> b is preempted
     assert plan.preempted_ids == ["b"]
     assert [s.request.request_id for s in plan.scheduled] == ["a"]
     assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0
