@@ -67,21 +67,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pri
                       scale: float) -> torch.Tensor:
     """q [Tq, H, D]; k, v [C, K, D] with C >= num_prior + Tq (extra rows are masked) ->
     [Tq, H, D]."""
-    tq, h, d = q.shape
+    tq, h, _ = q.shape
     c, kh, _ = k.shape
-    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
-    kt = k.transpose(0, 1).unsqueeze(0)  # [1, K, C, D]
-    vt = v.transpose(0, 1).unsqueeze(0)  # [1, K, C, D]
-    gqa = kh != h
     if num_prior == 0 and c == tq:
-        out = F.scaled_dot_product_attention(qh, kt, vt, is_causal=True, scale=scale,
-                                             enable_gqa=gqa)
-    else:
-        q_pos = num_prior + torch.arange(tq, device=q.device)[:, None]  # [Tq, 1]
-        allowed = torch.arange(c, device=q.device)[None, :] <= q_pos  # [Tq, C]
-        out = F.scaled_dot_product_attention(qh, kt, vt, attn_mask=allowed, scale=scale,
-                                             enable_gqa=gqa)
-    return out[0].transpose(0, 1)  # [Tq, H, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=True, scale=scale, enable_gqa=kh != h)  # [1, H, Tq, D]
+        return out[0].transpose(0, 1)
+    q_pos = num_prior + torch.arange(tq, device=q.device)[:, None]  # [Tq, 1]
+    allowed = torch.arange(c, device=q.device)[None, :] <= q_pos  # [Tq, C]
+    return masked_attention(q, k, v, allowed, scale)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

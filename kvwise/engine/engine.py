@@ -37,7 +37,7 @@ from kvwise.cache.kv_groups import plane_of_group
 from kvwise.cache.kv_manager import KVManager
 from kvwise.config import EngineConfig
 from kvwise.engine import transfer
-from kvwise.engine.fastgen import make_fastgen_policy
+from kvwise.engine.fastgen import FastGenPolicy
 from kvwise.engine.kv_setup import build_kv_store
 from kvwise.engine.model_setup import build_model
 from kvwise.engine.runner import ModelRunner, PromptSpan
@@ -192,7 +192,7 @@ class LLMEngine:
                 return default if own is None else own
 
             shape = self.kv_store
-            return make_fastgen_policy(
+            return FastGenPolicy(
                 pick(params.recovery_threshold, cfg.recovery_threshold),
                 pick(params.fastgen_local_ratio, cfg.fastgen_local_ratio),
                 pick(params.fastgen_frequent_ratio, cfg.fastgen_frequent_ratio),
@@ -617,11 +617,15 @@ class LLMEngine:
         kv = self.kv_manager
         planes = kv.num_planes
         kept = full = 0
-        for req in self.scheduler.running:
+        for req in self.scheduler.running:  # every step in the server: uncompressed ones cheap
+            entries = req.num_computed_tokens * planes
+            full += entries
+            if req.kv_policy is None:
+                kept += entries
+                continue
             rid = req.request_id
             n = kv.num_groups(rid)
             kept += sum(kv.num_kept_tokens(rid, g) for g in range(n)) * (planes // n)
-            full += req.num_computed_tokens * planes
         return kept, full
 
     def stats(self) -> dict[str, Any]:

@@ -197,13 +197,6 @@ class FastGenPolicy:
             self._pending[group].extend(slots)
 
 
-def make_fastgen_policy(threshold: float, local_ratio: float, frequent_ratio: float,
-                        classes: TokenClasses, num_layers: int, num_kv_heads: int
-                        ) -> FastGenPolicy:
-    return FastGenPolicy(threshold, local_ratio, frequent_ratio, classes, num_layers,
-                         num_kv_heads)
-
-
 class StepObserver:
     """The observer of one step with FastGen requests (`AttentionMetadata.observer`): per
     layer, profiles the requests whose prompt ends in this step and feeds the decode rows'
